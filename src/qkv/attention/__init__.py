@@ -1,0 +1,19 @@
+"""Attention: the reference math (core.py, start here), masks, multi-head attention, backends."""
+
+from qkv.attention import masks, numpy_ref
+from qkv.attention.backends import available_backends, register_backend, repeat_kv
+from qkv.attention.core import reference_attention, scaled_dot_product_attention
+from qkv.attention.kv_cache import KVCache
+from qkv.attention.multihead import MultiHeadAttention
+
+__all__ = [
+    "KVCache",
+    "MultiHeadAttention",
+    "available_backends",
+    "masks",
+    "numpy_ref",
+    "reference_attention",
+    "register_backend",
+    "repeat_kv",
+    "scaled_dot_product_attention",
+]

@@ -1,0 +1,138 @@
+"""The key/value cache: why generating token n+1 need not recompute tokens 1..n.
+
+A decoder generates one token at a time. Under a causal mask the keys and values of past
+positions never change, so each attention layer keeps them and, at every step, computes q, k, v
+for the new token only, appends k and v, and attends over the whole cache. Each step then costs
+O(S) instead of re-running O(S^2) attention over the full prefix.
+
+Two layouts:
+    * dynamic (default): the cache grows by concatenation; simple, any length.
+    * static (``KVCache.static``): memory for ``max_len`` positions is allocated once and filled
+      in place, so shapes stay fixed; writing past the end is a clear error.
+
+For cross-attention the cache holds the encoder's keys and values, computed once at the first
+decoding step and reused afterwards.
+
+Shape legend: B batch · K key/value heads · S cached positions · E head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for one attention layer.
+
+    Example:
+        >>> import torch
+        >>> cache = KVCache()
+        >>> k, v = cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+        >>> k, v = cache.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+        >>> cache.seq_len, tuple(k.shape)
+        (4, (1, 2, 4, 4))
+    """
+
+    def __init__(self) -> None:
+        self._k: Tensor | None = None  # (B, K, S_max, E) when static, (B, K, S, E) when dynamic
+        self._v: Tensor | None = None
+        self._len = 0
+        self._static = False
+
+    @classmethod
+    def static(
+        cls,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        head_dim_v: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A cache with room for ``max_len`` positions, allocated once."""
+        cache = cls()
+        e_v = head_dim if head_dim_v is None else head_dim_v
+        cache._k = torch.zeros(batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        cache._v = torch.zeros(batch_size, n_kv_heads, max_len, e_v, dtype=dtype, device=device)
+        cache._static = True
+        return cache
+
+    @property
+    def seq_len(self) -> int:
+        """How many positions the cache holds."""
+        return self._len
+
+    @property
+    def max_len(self) -> int | None:
+        """Capacity of a static cache; None for a dynamic one."""
+        return self._k.shape[-2] if self._static and self._k is not None else None
+
+    @property
+    def keys(self) -> Tensor | None:
+        """The cached keys (B, K, S, E), or None when empty."""
+        return None if self._k is None or self._len == 0 else self._k[..., : self._len, :]
+
+    @property
+    def values(self) -> Tensor | None:
+        """The cached values (B, K, S, Ev), or None when empty."""
+        return None if self._v is None or self._len == 0 else self._v[..., : self._len, :]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append new keys and values (B, K, T, E) and return all of them (B, K, S + T, E)."""
+        t = k.shape[-2]
+        if self._static:
+            assert self._k is not None and self._v is not None
+            if self._len + t > self._k.shape[-2]:
+                raise ValueError(
+                    f"static KV cache overflow: it holds {self._len} of {self._k.shape[-2]} "
+                    f"positions and {t} more were given; allocate a larger max_len"
+                )
+            if k.shape[:-2] != self._k.shape[:-2] or k.shape[-1] != self._k.shape[-1]:
+                raise ValueError(
+                    f"keys of shape {tuple(k.shape)} do not fit a static cache of shape "
+                    f"{tuple(self._k.shape)} (B, K, S_max, E)"
+                )
+            self._k[..., self._len : self._len + t, :] = k
+            self._v[..., self._len : self._len + t, :] = v
+            self._len += t
+            return self._k[..., : self._len, :], self._v[..., : self._len, :]
+        if self._k is None or self._v is None or self._len == 0:
+            self._k, self._v = k, v
+        else:
+            if k.shape[:-2] != self._k.shape[:-2]:
+                raise ValueError(
+                    f"new keys {tuple(k.shape)} do not match cached keys {tuple(self._k.shape)} "
+                    "in batch or heads"
+                )
+            self._k = torch.cat([self._k, k], dim=-2)  # (B, K, S + T, E)
+            self._v = torch.cat([self._v, v], dim=-2)  # (B, K, S + T, Ev)
+        self._len += t
+        return self._k, self._v
+
+    def crop(self, length: int) -> None:
+        """Forget every position from ``length`` on (to rewind, e.g. after a rejected draft)."""
+        if not 0 <= length <= self._len:
+            raise ValueError(f"cannot crop a cache of {self._len} positions to {length}")
+        if not self._static and self._k is not None and self._v is not None:
+            self._k, self._v = self._k[..., :length, :], self._v[..., :length, :]
+        self._len = length
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the batch rows ``index`` (B',), e.g. the surviving hypotheses of a beam search."""
+        if self._k is not None and self._v is not None:
+            self._k = self._k.index_select(0, index)
+            self._v = self._v.index_select(0, index)
+
+    def reset(self) -> None:
+        """Empty the cache (a static one keeps its memory)."""
+        self._len = 0
+        if not self._static:
+            self._k = self._v = None
