@@ -1,7 +1,7 @@
 """qkv: attention and the Transformer, from first principles to the variants that run today.
 
 Read in this order: ``qkv.attention.core`` (the equation), ``qkv.masks``,
-``qkv.attention.multihead``, ``qkv.positional``, ``qkv.blocks``.
+``qkv.attention.multihead``, ``qkv.positional``, ``qkv.blocks``, ``qkv.models``.
 """
 
 from qkv._errors import QkvWarning
@@ -14,19 +14,73 @@ from qkv.attention import (
     reference_attention,
     register_backend,
     scaled_dot_product_attention,
+    unregister_backend,
+)
+from qkv.blocks import (
+    DecoderLayer,
+    EncoderLayer,
+    FeedForward,
+    GatedFeedForward,
+    LayerNorm,
+    RMSNorm,
+)
+from qkv.interop import CheckpointError, from_pretrained, save_pretrained
+from qkv.models import (
+    GPT,
+    T5,
+    Bart,
+    Bert,
+    Llama,
+    ModelOutput,
+    PrefixLM,
+    Transformer,
+    ViT,
+)
+from qkv.positional import (
+    ALiBi,
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    ShawRelativeKeys,
+    SinusoidalPositionalEncoding,
+    T5RelativeBias,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GPT",
+    "T5",
+    "ALiBi",
+    "Bart",
+    "Bert",
+    "CheckpointError",
+    "DecoderLayer",
+    "EncoderLayer",
+    "FeedForward",
+    "GatedFeedForward",
     "KVCache",
+    "LayerNorm",
+    "LearnedPositionalEmbedding",
+    "Llama",
+    "ModelOutput",
     "MultiHeadAttention",
+    "PrefixLM",
     "QkvWarning",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "ShawRelativeKeys",
+    "SinusoidalPositionalEncoding",
+    "T5RelativeBias",
+    "Transformer",
+    "ViT",
     "__version__",
     "available_backends",
+    "from_pretrained",
     "masks",
     "numpy_ref",
     "reference_attention",
     "register_backend",
+    "save_pretrained",
     "scaled_dot_product_attention",
+    "unregister_backend",
 ]

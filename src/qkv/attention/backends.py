@@ -32,9 +32,11 @@ __all__ = [
     "available_backends",
     "check_attention_inputs",
     "get_backend",
+    "handles_grouped_kv",
     "register_backend",
     "repeat_kv",
     "sdpa_attention",
+    "unregister_backend",
 ]
 
 
@@ -54,6 +56,7 @@ class AttentionBackend(Protocol):
     ) -> tuple[Tensor, Tensor | None]: ...
 
 
+# --8<-- [start:repeat_kv]
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """Give each query head its key/value head: (B, K, S, E) -> (B, K * n_rep, S, E).
 
@@ -69,6 +72,10 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     return expanded.reshape(*lead, n_kv * n_rep, s, e)  # (B, K * n_rep, S, E)
 
 
+# --8<-- [end:repeat_kv]
+
+
+# --8<-- [start:sdpa]
 def sdpa_attention(
     q: Tensor,
     k: Tensor,
@@ -88,7 +95,7 @@ def sdpa_attention(
       the mask forbids. Nothing is added to a large negative constant, so half precision cannot
       overflow.
     """
-    grouped = q.dim() >= 3 and q.shape[-3] != k.shape[-3]
+    grouped = q.dim() >= 4 and q.shape[-3] != k.shape[-3]
     has_key = None
     attn_mask: Tensor | None = None
     if mask is not None:
@@ -113,15 +120,44 @@ def sdpa_attention(
     return out, None
 
 
+# --8<-- [end:sdpa]
+
+
+# --8<-- [start:registry]
 # "reference" is registered by core.py, next to its definition.
 _BACKENDS: dict[str, AttentionBackend] = {"sdpa": sdpa_attention}
+# Backends that take k, v with fewer heads than q themselves; the others get them repeated.
+_GROUPED_KV: set[str] = {"sdpa"}
 
 
-def register_backend(name: str, backend: AttentionBackend) -> None:
-    """Add an attention implementation under ``name`` (it must match the reference's math)."""
-    if name in ("auto",):
+def register_backend(name: str, backend: AttentionBackend, *, grouped_kv: bool = False) -> None:
+    """Add an attention implementation under ``name`` (it must match the reference's math).
+
+    With ``grouped_kv=False`` the backend always receives as many key/value heads as query
+    heads (grouped ones are repeated for it); with True it receives (B, K, S, E) and must
+    share each key/value head among H / K query heads itself.
+    """
+    if name == "auto":
         raise ValueError("'auto' is reserved: it picks a backend, it is not one")
     _BACKENDS[name] = backend
+    if grouped_kv:
+        _GROUPED_KV.add(name)
+    else:
+        _GROUPED_KV.discard(name)
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend added with ``register_backend``; the built-in ones stay."""
+    if name in ("reference", "sdpa"):
+        raise ValueError(f"the built-in backend {name!r} cannot be removed")
+    if _BACKENDS.pop(name, None) is None:
+        raise ValueError(f"no backend named {name!r}; registered: {available_backends()}")
+    _GROUPED_KV.discard(name)
+
+
+def handles_grouped_kv(name: str) -> bool:
+    """Whether the backend ``name`` shares key/value heads among query heads itself."""
+    return name in _GROUPED_KV
 
 
 def available_backends() -> list[str]:
@@ -137,6 +173,9 @@ def get_backend(name: str) -> AttentionBackend:
         raise ValueError(
             f"unknown attention impl {name!r}; choose one of {['auto', *available_backends()]}"
         ) from None
+
+
+# --8<-- [end:registry]
 
 
 def _shape(t: Tensor) -> str:
@@ -197,7 +236,12 @@ def check_attention_inputs(
         raise ValueError(
             f"k and v must have the same leading dimensions: k {_shape(k)}, v {_shape(v)}"
         )
-    if q.dim() >= 3:
+    if q.dim() == 3 and q.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"q and k must have the same batch size: q {_shape(q)}, k {_shape(k)}; for "
+            "grouped-query attention give 4-D (B, H, T, E) queries and (B, K, S, E) keys"
+        )
+    if q.dim() >= 4:
         h, kv = q.shape[-3], k.shape[-3]
         if h != kv and (h % kv != 0):
             raise ValueError(
@@ -229,4 +273,3 @@ def check_attention_inputs(
         if bias.device != q.device:
             raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
         _check_broadcast("bias", bias, target)
-

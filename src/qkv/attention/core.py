@@ -27,11 +27,19 @@ Conventions that hold everywhere in qkv:
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from qkv.attention.backends import check_attention_inputs, get_backend, register_backend, repeat_kv
+from qkv.attention.backends import (
+    check_attention_inputs,
+    get_backend,
+    handles_grouped_kv,
+    register_backend,
+    repeat_kv,
+)
 
 __all__ = ["reference_attention", "scaled_dot_product_attention"]
 
@@ -60,7 +68,7 @@ def reference_attention(
 
     Returns:
         The output (..., T, Ev) in the dtype of ``v``, and the attention weights (..., T, S)
-        in float32.
+        in float32 (float64 for float64 inputs).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5  # 1 / sqrt(d_k)
@@ -68,12 +76,13 @@ def reference_attention(
     # 1. How well does each query match each key? One dot product per (query, key) pair.
     scores = q @ k.transpose(-2, -1)  # (..., T, S)
 
-    # 2. Scale, in float32 whatever the input dtype, so the softmax below is accurate.
-    scores = scores.float() * scale  # (..., T, S)
+    # 2. Scale, in float32 at least (float64 stays float64), so the softmax below is accurate
+    #    even for float16/bfloat16 inputs.
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale  # (..., T, S)
 
     # 3. Add the positional bias, if any (ALiBi, T5 or Shaw relative positions).
     if bias is not None:
-        scores = scores + bias.float()  # (..., T, S)
+        scores = scores + bias.to(scores.dtype)  # (..., T, S)
 
     # 4. Hide the keys a query may not see. The smallest float32 (rather than -inf) keeps a fully
     #    masked row finite; step 6 then sets its weights to zero.
@@ -101,6 +110,37 @@ def reference_attention(
 register_backend("reference", reference_attention)
 
 
+@overload
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    impl: str = "auto",
+    return_weights: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    impl: str = "auto",
+    return_weights: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+# --8<-- [start:dispatch]
 def scaled_dot_product_attention(
     q: Tensor,
     k: Tensor,
@@ -117,7 +157,8 @@ def scaled_dot_product_attention(
 
     Query heads may outnumber key/value heads (grouped-query attention): when ``q`` is
     (B, H, T, E) and ``k``, ``v`` are (B, K, S, E) with H a multiple of K, query head h reads
-    key/value head h // (H / K).
+    key/value head h // (H / K). Heads are the third-from-last dimension of 4-D (or larger)
+    inputs; 3-D inputs are (B, T, E) and must agree in every leading dimension.
 
     Args:
         q: queries, (..., T, E).
@@ -154,12 +195,16 @@ def scaled_dot_product_attention(
             f"impl={impl!r} cannot return attention weights; "
             "use impl='reference' (or 'auto') with return_weights=True"
         )
-    if impl == "reference" and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
-        # Grouped-query attention, written plainly: copy each key/value head to its queries.
-        k, v = repeat_kv(k, q.shape[-3] // k.shape[-3]), repeat_kv(v, q.shape[-3] // v.shape[-3])
     backend = get_backend(impl)
+    n_rep = q.shape[-3] // k.shape[-3] if q.dim() >= 4 else 1
+    if n_rep > 1 and not handles_grouped_kv(impl):
+        # Grouped-query attention, written plainly: copy each key/value head to its queries.
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, E)
     out, weights = backend(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p)
     if return_weights:
         assert weights is not None  # the reference backend always returns them
         return out, weights
     return out
+
+
+# --8<-- [end:dispatch]

@@ -41,6 +41,7 @@ class KVCache:
         self._v: Tensor | None = None
         self._len = 0
         self._static = False
+        self.cross = False  # True once it holds a cross-attention's (encoder's) keys and values
 
     @classmethod
     def static(
@@ -57,7 +58,9 @@ class KVCache:
         """A cache with room for ``max_len`` positions, allocated once."""
         cache = cls()
         e_v = head_dim if head_dim_v is None else head_dim_v
-        cache._k = torch.zeros(batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        cache._k = torch.zeros(
+            batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device
+        )
         cache._v = torch.zeros(batch_size, n_kv_heads, max_len, e_v, dtype=dtype, device=device)
         cache._static = True
         return cache
@@ -85,6 +88,7 @@ class KVCache:
     def __len__(self) -> int:
         return self._len
 
+    # --8<-- [start:update]
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append new keys and values (B, K, T, E) and return all of them (B, K, S + T, E)."""
         t = k.shape[-2]
@@ -117,6 +121,8 @@ class KVCache:
         self._len += t
         return self._k, self._v
 
+    # --8<-- [end:update]
+
     def crop(self, length: int) -> None:
         """Forget every position from ``length`` on (to rewind, e.g. after a rejected draft)."""
         if not 0 <= length <= self._len:
@@ -134,5 +140,6 @@ class KVCache:
     def reset(self) -> None:
         """Empty the cache (a static one keeps its memory)."""
         self._len = 0
+        self.cross = False
         if not self._static:
             self._k = self._v = None

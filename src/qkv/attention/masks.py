@@ -32,6 +32,7 @@ from torch import Tensor
 __all__ = ["causal", "padding", "prefix_lm", "sliding_window"]
 
 
+# --8<-- [start:positions]
 def _positions(t: int, s: int, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
     """Absolute positions of the queries (T, 1) and keys (1, S), aligned bottom-right."""
     if t < 0 or s < 0:
@@ -46,6 +47,10 @@ def _positions(t: int, s: int, device: torch.device | str | None) -> tuple[Tenso
     return query_pos, key_pos
 
 
+# --8<-- [end:positions]
+
+
+# --8<-- [start:causal]
 def causal(t: int, s: int | None = None, *, device: torch.device | str | None = None) -> Tensor:
     """Each query sees itself and the keys before it: (T, S), bottom-right aligned.
 
@@ -57,6 +62,10 @@ def causal(t: int, s: int | None = None, *, device: torch.device | str | None = 
     return key_pos <= query_pos  # (T, S)
 
 
+# --8<-- [end:causal]
+
+
+# --8<-- [start:padding]
 def padding(
     lengths_or_attention_mask: Tensor | Sequence[int],
     max_len: int | None = None,
@@ -102,13 +111,21 @@ def padding(
     return keep[:, None, None, :]  # (B, 1, 1, S)
 
 
+# --8<-- [end:padding]
+
+
+# --8<-- [start:prefix_lm]
 def prefix_lm(
-    prefix_len: int | Tensor, t: int, *, device: torch.device | str | None = None
+    prefix_len: int | Tensor,
+    t: int,
+    s: int | None = None,
+    *,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """Prefix-LM: the first ``prefix_len`` positions see each other, the rest is causal.
 
-    ``prefix_len`` is an int, giving (T, T), or a (B,) tensor of per-example prefix lengths,
-    giving (B, 1, T, T).
+    ``prefix_len`` is an int, giving (T, S), or a (B,) tensor of per-example prefix lengths,
+    giving (B, 1, T, S). S defaults to T; with a cache (S > T) queries align bottom-right.
 
     >>> prefix_lm(2, 4).int()
     tensor([[1, 1, 0, 0],
@@ -116,17 +133,22 @@ def prefix_lm(
             [1, 1, 1, 0],
             [1, 1, 1, 1]], dtype=torch.int32)
     """
-    query_pos, key_pos = _positions(t, t, device)
+    s = t if s is None else s
+    query_pos, key_pos = _positions(t, s, device)
     if isinstance(prefix_len, Tensor):
         if prefix_len.dim() != 1:
             raise ValueError(f"prefix_len must be an int or a (B,) tensor, got {prefix_len.shape}")
-        in_prefix = key_pos < prefix_len.to(key_pos.device)[:, None, None, None]  # (B, 1, 1, T)
-        return (key_pos <= query_pos) | in_prefix  # (B, 1, T, T)
-    if not 0 <= prefix_len <= t:
-        raise ValueError(f"prefix_len must be between 0 and T={t}, got {prefix_len}")
-    return (key_pos <= query_pos) | (key_pos < prefix_len)  # (T, T)
+        in_prefix = key_pos < prefix_len.to(key_pos.device)[:, None, None, None]  # (B, 1, 1, S)
+        return (key_pos <= query_pos) | in_prefix  # (B, 1, T, S)
+    if not 0 <= prefix_len <= s:
+        raise ValueError(f"prefix_len must be between 0 and S={s}, got {prefix_len}")
+    return (key_pos <= query_pos) | (key_pos < prefix_len)  # (T, S)
 
 
+# --8<-- [end:prefix_lm]
+
+
+# --8<-- [start:sliding_window]
 def sliding_window(
     t: int,
     window: int,
@@ -154,3 +176,6 @@ def sliding_window(
     if causal:
         return (distance >= 0) & (distance < window)  # (T, S)
     return distance.abs() < window  # (T, S)
+
+
+# --8<-- [end:sliding_window]

@@ -26,6 +26,8 @@ H query heads · K key/value heads · E head dim.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -36,7 +38,7 @@ from qkv.attention.core import reference_attention, scaled_dot_product_attention
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.masks import causal as causal_mask
 
-__all__ = ["MultiHeadAttention", "QKRotation", "ScoreBias"]
+__all__ = ["MultiHeadAttention", "QKRotation", "ScoreBias", "recording_weights"]
 
 
 class QKRotation(Protocol):
@@ -74,7 +76,8 @@ class MultiHeadAttention(nn.Module):
     Attributes:
         capture_weights: when True, each forward also stores the exact attention weights
             (B, H, T, S) in ``last_weights``, recomputed from the same q and k, while the output
-            still comes from the fast path.
+            still comes from the fast path. They are the weights before attention dropout
+            (identical to the ones used in eval mode).
 
     Example:
         >>> import torch
@@ -102,7 +105,9 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads < 1 or n_kv_heads < 1:
-            raise ValueError(f"n_heads and n_kv_heads must be positive, got {n_heads}, {n_kv_heads}")
+            raise ValueError(
+                f"n_heads and n_kv_heads must be positive, got {n_heads}, {n_kv_heads}"
+            )
         if head_dim is None:
             if d_model % n_heads:
                 raise ValueError(
@@ -134,10 +139,14 @@ class MultiHeadAttention(nn.Module):
         self.capture_weights = False
         self.last_weights: Tensor | None = None
 
+    # --8<-- [start:split_heads]
     def _split_heads(self, x: Tensor, n: int) -> Tensor:
         b, t, _ = x.shape
         return x.view(b, t, n, self.head_dim).transpose(1, 2)  # (B, n, T, E)
 
+    # --8<-- [end:split_heads]
+
+    # --8<-- [start:forward]
     def forward(
         self,
         x: Tensor,
@@ -171,6 +180,11 @@ class MultiHeadAttention(nn.Module):
             )
         b, t, _ = x.shape
         q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
+        if context is None and cache is not None and cache.cross:
+            raise ValueError(
+                "this cache holds a cross-attention's keys and values; pass the encoder's output "
+                "as context (it is read from the cache, not recomputed)"
+            )
         if context is None:  # self-attention
             k = self._split_heads(self.k_proj(x), self.n_kv_heads)  # (B, K, T, E)
             v = self._split_heads(self.v_proj(x), self.n_kv_heads)  # (B, K, T, E)
@@ -188,6 +202,7 @@ class MultiHeadAttention(nn.Module):
             v = self._split_heads(self.v_proj(context), self.n_kv_heads)  # (B, K, S, E)
             if cache is not None:
                 cache.update(k, v)
+                cache.cross = True
         s = k.shape[-2]
         if self.score_bias is not None:
             extra = self.score_bias(q, s)  # broadcasts to (B, H, T, S)
@@ -199,12 +214,14 @@ class MultiHeadAttention(nn.Module):
         out = scaled_dot_product_attention(
             q, k, v, mask, bias=bias, scale=self.scale, dropout_p=dropout_p, impl=self.attn_impl
         )  # (B, H, T, E)
-        assert isinstance(out, Tensor)
         if self.capture_weights:
             self.last_weights = self._exact_weights(q, k, v, mask, bias).detach()  # (B, H, T, S)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H * E)
         return self.out_proj(out)  # (B, T, D)
 
+    # --8<-- [end:forward]
+
+    # --8<-- [start:exact_weights]
     def _exact_weights(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None
     ) -> Tensor:
@@ -214,3 +231,48 @@ class MultiHeadAttention(nn.Module):
             q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, bias=bias, scale=self.scale
         )
         return weights  # (B, H, T, S)
+
+    # --8<-- [end:exact_weights]
+
+
+@contextmanager
+def recording_weights(
+    modules: Sequence[MultiHeadAttention], enabled: bool = True
+) -> Iterator[list[Tensor]]:
+    """Record the exact attention weights of ``modules`` while the block runs.
+
+    Switches ``capture_weights`` on for each module, and on leaving the block puts back the
+    setting it had and frees ``last_weights`` of those that were not recording before (the list
+    holds the caller's reference). Models use it for ``output_attentions=True``.
+
+    Args:
+        modules: the attention modules to record, in the order their weights should come.
+        enabled: when False, nothing is switched on and the list stays empty; lets a forward
+            write ``with recording_weights(attns, output_attentions) as weights:`` once.
+
+    Yields:
+        A list that, once the block exits normally, holds each module's weights (B, H, T, S),
+        in the order of ``modules``; a module that did not run in the block is left out.
+
+    Example:
+        >>> import torch
+        >>> layers = [MultiHeadAttention(d_model=8, n_heads=2) for _ in range(2)]
+        >>> x = torch.randn(1, 3, 8)
+        >>> with recording_weights(layers) as weights:
+        ...     y = layers[1](layers[0](x))
+        >>> [tuple(w.shape) for w in weights], layers[0].capture_weights
+        ([(1, 2, 3, 3), (1, 2, 3, 3)], False)
+    """
+    modules = list(modules) if enabled else []
+    before = [m.capture_weights for m in modules]
+    weights: list[Tensor] = []
+    try:
+        for m in modules:
+            m.capture_weights = True
+        yield weights
+        weights.extend(m.last_weights for m in modules if m.last_weights is not None)
+    finally:
+        for m, was in zip(modules, before, strict=True):
+            m.capture_weights = was
+            if not was:
+                m.last_weights = None  # the caller holds its copy; do not keep (B, H, T, S) alive

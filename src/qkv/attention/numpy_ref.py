@@ -18,6 +18,7 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = ["scaled_dot_product_attention", "softmax"]
 
 
+# --8<-- [start:numpy]
 def softmax(x: NDArray[np.float64], axis: int = -1) -> NDArray[np.float64]:
     """exp(x) / sum(exp(x)), shifted by the row maximum so that exp never overflows."""
     shifted = x - x.max(axis=axis, keepdims=True)
@@ -64,3 +65,6 @@ def scaled_dot_product_attention(
         safe = np.where(any_key, scores, 0.0)
         weights = np.where(allowed, softmax(safe), 0.0)
     return weights @ v, weights  # (..., T, Ev), (..., T, S)
+
+
+# --8<-- [end:numpy]

@@ -1,0 +1,364 @@
+"""BART and Marian: a post-norm encoder-decoder that turns one text into another.
+
+    memory   = Encoder(Embed(x))                          bidirectional over the source x
+    h_t      = Decoder(Embed(y_<t), memory)               causal, plus cross-attention to memory
+    p(y_t)   = softmax(h_t E^T + b)                       E the shared token embedding
+
+Lewis et al., "BART: Denoising Sequence-to-Sequence Pre-training for Natural Language
+Generation, Translation, and Comprehension", 2019 (arXiv:1910.13461).
+Junczys-Dowmunt et al., "Marian: Fast Neural Machine Translation in C++", 2018 (arXiv:1804.00344).
+
+Both are the 2017 Transformer (post-norm layers, arXiv:1706.03762): the encoder reads the whole
+source, the decoder writes the target one token at a time. BART is pre-trained to restore
+corrupted text (a denoising autoencoder), Marian's OPUS-MT models to translate; the network is
+the same. One token table E serves the
+encoder's input, the decoder's input and, transposed, the output layer (weight tying), which
+adds a fixed per-token bias ``final_logits_bias`` (zero unless a checkpoint sets it).
+
+They differ only in how tokens enter the stacks, a few config switches::
+
+                      BART (positions="learned")        Marian (positions="sinusoidal")
+    token embedding   E[x]                              E[x] * sqrt(D)   (scale_embedding)
+    positions         learned table, row t + 2          fixed sin/cos table, row t
+    embedding norm    LayerNorm (layernorm_embedding)   none
+    activation        GELU                              SiLU, called "swish"
+
+BART's learned table has two extra rows, 0 and 1, that no position reads: fairseq counted
+positions from ``pad_token_id + 1 = 2``, and the checkpoints keep that offset
+(``LearnedPositionalEmbedding(..., offset=2)``). Marian's sinusoids are those of the 2017 paper
+with the columns regrouped: all the sines first, then all the cosines, where the paper
+interleaves sin, cos, sin, cos (``qkv.positional.sinusoidal_table(..., interleaved=False)``).
+
+Shape legend: B batch · T target positions · S source positions · D model width · H heads ·
+F MLP hidden width · V vocabulary · L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from qkv.attention import masks
+from qkv.attention.kv_cache import KVCache
+from qkv.attention.multihead import recording_weights
+from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, EncoderLayer, FeedForward
+from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.common import IGNORE_INDEX, attention_modules, shift_right
+from qkv.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+
+__all__ = ["PRESETS", "Bart", "BartConfig"]
+
+
+# --8<-- [start:config]
+@dataclass(frozen=True, kw_only=True)
+class BartConfig:
+    """Sizes and switches of a BART- or Marian-style encoder-decoder (see the module docstring)."""
+
+    vocab_size: int
+    d_model: int = 768
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    n_heads: int = 12
+    d_ff: int = 3072
+    max_seq_len: int = 1024  # positions per sequence, in the encoder and in the decoder
+    positions: Literal["learned", "sinusoidal"] = "learned"  # BART / Marian
+    scale_embedding: bool = False  # multiply token embeddings by sqrt(D) (Marian)
+    layernorm_embedding: bool = True  # LayerNorm after token + position embeddings (BART)
+    activation: ActivationName = "gelu"
+    dropout: float = 0.1  # embeddings and residual branches
+    attention_dropout: float = 0.0  # attention weights
+    activation_dropout: float = 0.0  # feed-forward hidden activations
+    init_std: float = 0.02  # weights ~ N(0, init_std²), biases 0, as in fairseq and HF
+    pad_token_id: int = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2  # the first decoder input; labels shift right behind it
+    attn_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        sizes = ("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff")
+        for name in (*sizes, "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "each head gets d_model / n_heads dimensions"
+            )
+        if self.positions not in ("learned", "sinusoidal"):
+            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; use one of {[*ACTIVATIONS]}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id", "bos_token_id"):
+            token = getattr(self, name)
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name}={token} is not in the vocabulary [0, {self.vocab_size})")
+
+
+# Counts are Hugging Face's num_parameters() for the matching config (tied tensors once).
+PRESETS: dict[str, BartConfig] = {
+    # Lewis et al. 2019 (arXiv:1910.13461) section 2.1, facebook/bart-base: 139,420,416
+    # (fairseq's README: "140M").
+    "bart-base": BartConfig(
+        vocab_size=50265, d_model=768, n_encoder_layers=6, n_decoder_layers=6, n_heads=12,
+        d_ff=3072, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
+    ),
+    # Lewis et al. 2019 section 2.1, facebook/bart-large: 406,291,456 (fairseq: "400M").
+    "bart-large": BartConfig(
+        vocab_size=50265, d_model=1024, n_encoder_layers=12, n_decoder_layers=12, n_heads=16,
+        d_ff=4096, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
+    ),
+    # Junczys-Dowmunt et al. 2018 (arXiv:1804.00344), transformer-base as trained by OPUS-MT,
+    # Helsinki-NLP/opus-mt-en-de: 73,886,208. Hugging Face reports 74,410,496: it also counts
+    # its two fixed 512 x 512 sinusoid tables as (frozen) parameters; qkv keeps them as buffers.
+    "marian-en-de": BartConfig(
+        vocab_size=58101, d_model=512, n_encoder_layers=6, n_decoder_layers=6, n_heads=8,
+        d_ff=2048, max_seq_len=512, positions="sinusoidal", scale_embedding=True,
+        layernorm_embedding=False, activation="silu", pad_token_id=58100, bos_token_id=None,
+        eos_token_id=0, decoder_start_token_id=58100,
+    ),
+    # Smoke tests: 2 + 2 layers, width 32.
+    "tiny": BartConfig(
+        vocab_size=96, d_model=32, n_encoder_layers=2, n_decoder_layers=2, n_heads=4, d_ff=64,
+        max_seq_len=64,
+    ),
+    "tiny-marian": BartConfig(
+        vocab_size=96, d_model=32, n_encoder_layers=2, n_decoder_layers=2, n_heads=4, d_ff=64,
+        max_seq_len=64, positions="sinusoidal", scale_embedding=True, layernorm_embedding=False,
+        activation="silu", pad_token_id=95, bos_token_id=None, eos_token_id=0,
+        decoder_start_token_id=95,
+    ),
+}  # fmt: skip
+
+
+# --8<-- [end:config]
+
+
+def _positions(c: BartConfig) -> LearnedPositionalEmbedding | SinusoidalPositionalEncoding:
+    """BART: learned, position t at row t + 2 (fairseq's offset); Marian: sinusoids in halves."""
+    if c.positions == "learned":
+        return LearnedPositionalEmbedding(c.max_seq_len, c.d_model, offset=2)  # (max_len + 2, D)
+    return SinusoidalPositionalEncoding(c.d_model, c.max_seq_len, interleaved=False)  # a buffer
+
+
+Caches = list[tuple[KVCache, KVCache]]  # per decoder layer: (self-attention, cross-attention)
+
+
+class Bart(QkvModel):
+    """BART / Marian for text-to-text: a post-norm encoder-decoder with a tied output layer.
+
+    Example:
+        >>> import torch
+        >>> model = Bart(PRESETS["tiny"])
+        >>> src, tgt = torch.randint(3, 96, (2, 7)), torch.randint(3, 96, (2, 5))
+        >>> out = model(src, torch.ones(2, 7, dtype=torch.long), labels=tgt)
+        >>> out.logits.shape, out.loss.shape
+        (torch.Size([2, 5, 96]), torch.Size([]))
+    """
+
+    family = "bart"
+    config_class = BartConfig
+    config: BartConfig
+    final_logits_bias: Tensor
+
+    def __init__(self, config: BartConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_token_id)
+        self.embed_scale = math.sqrt(c.d_model) if c.scale_embedding else 1.0
+        self.enc_pos = _positions(c)
+        self.dec_pos = _positions(c)
+        self.enc_emb_norm = nn.LayerNorm(c.d_model) if c.layernorm_embedding else nn.Identity()
+        self.dec_emb_norm = nn.LayerNorm(c.d_model) if c.layernorm_embedding else nn.Identity()
+        self.emb_dropout = nn.Dropout(c.dropout)
+        self.encoder = nn.ModuleList(
+            EncoderLayer(
+                c.d_model, c.n_heads, c.d_ff, dropout=c.dropout, activation=c.activation,
+                norm_first=False, attn_impl=c.attn_impl,
+            )
+            for _ in range(c.n_encoder_layers)
+        )  # fmt: skip
+        self.decoder = nn.ModuleList(
+            DecoderLayer(
+                c.d_model, c.n_heads, c.d_ff, dropout=c.dropout, activation=c.activation,
+                norm_first=False, cross_attention=True, attn_impl=c.attn_impl,
+            )
+            for _ in range(c.n_decoder_layers)
+        )  # fmt: skip
+        # The layers take one dropout rate (c.dropout); BART and Marian set two more apart.
+        for attn in attention_modules(self):  # encoder and decoder, self and cross
+            attn.dropout = c.attention_dropout
+        for layer in [*self.encoder, *self.decoder]:
+            assert isinstance(layer.mlp, FeedForward)
+            layer.mlp.dropout.p = c.activation_dropout
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied: one tensor, (V, D)
+        self.register_buffer("final_logits_bias", torch.zeros(c.vocab_size))  # (V,)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """N(0, init_std²) for linear and embedding weights, zero biases and padding row."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and m is not self.lm_head:
+                nn.init.normal_(m.weight, std=self.config.init_std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.tok_emb.weight[self.config.pad_token_id].zero_()
+
+    def _embed(self, ids: Tensor, positions: nn.Module, norm: nn.Module, past: int = 0) -> Tensor:
+        if past + ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"{past + ids.shape[1]} positions exceed max_seq_len={self.config.max_seq_len}"
+            )
+        position_ids = torch.arange(past, past + ids.shape[1], device=ids.device)  # (T,)
+        x = self.tok_emb(ids) * self.embed_scale + positions(position_ids)  # (B, T, D)
+        return self.emb_dropout(norm(x))  # (B, T, D)
+
+    def _encoder_states(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
+        """The embeddings' output and every encoder layer's output, L + 1 x (B, S, D)."""
+        mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
+        x = self._embed(input_ids, self.enc_pos, self.enc_emb_norm)  # (B, S, D)
+        states = [x]
+        for layer in self.encoder:
+            x = layer(x, mask=mask)  # (B, S, D)
+            states.append(x)
+        return states
+
+    def _decoder_states(
+        self,
+        decoder_input_ids: Tensor,
+        memory: Tensor,
+        attention_mask: Tensor | None,
+        decoder_attention_mask: Tensor | None,
+        caches: Caches | None,
+    ) -> list[Tensor]:
+        """The embeddings' output and every decoder layer's output, L + 1 x (B, T, D)."""
+        past = 0 if caches is None else caches[0][0].seq_len
+        pad, dec_pad = attention_mask, decoder_attention_mask
+        memory_mask = None if pad is None else masks.padding(pad)  # (B, 1, 1, S)
+        self_mask = None if dec_pad is None else masks.padding(dec_pad)  # (B, 1, 1, past + T)
+        x = self._embed(decoder_input_ids, self.dec_pos, self.dec_emb_norm, past)  # (B, T, D)
+        states = [x]
+        for i, layer in enumerate(self.decoder):
+            cache, cross_cache = (None, None) if caches is None else caches[i]
+            x = layer(
+                x, memory, self_mask=self_mask, memory_mask=memory_mask, causal=True,
+                cache=cache, cross_cache=cross_cache,
+            )  # (B, T, D)  # fmt: skip
+            states.append(x)
+        return states
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden) + self.final_logits_bias  # (B, T, V): h E^T + b
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Read the source (B, S) once: the memory (B, S, D) that every decoding step attends to.
+
+        ``attention_mask`` (B, S): 1 = real token, 0 = padding.
+        """
+        return self._encoder_states(input_ids, attention_mask)[-1]
+
+    def decode(
+        self,
+        decoder_input_ids: Tensor,
+        memory: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        caches: Caches | None = None,
+    ) -> Tensor:
+        """Next-token scores for the target positions given, attending to ``memory``.
+
+        Args:
+            decoder_input_ids: target tokens (B, T), starting with ``decoder_start_token_id``;
+                with ``caches``, only the new tokens of this step.
+            memory: ``encode``'s output (B, S, D).
+            attention_mask: the source's (B, S), 1 = real token, 0 = padding.
+            decoder_attention_mask: (B, T), or (B, past + T) with caches; 1 = real token.
+            caches: from ``new_caches``; the new keys and values are appended (positions go on
+                from their length), and the memory's are computed once, at the first step.
+
+        Returns:
+            logits (B, T, V).
+        """
+        states = self._decoder_states(
+            decoder_input_ids, memory, attention_mask, decoder_attention_mask, caches
+        )
+        return self._logits(states[-1])  # (B, T, V)
+
+    def new_caches(self) -> Caches:
+        """Empty key/value caches for ``decode``: (self-attention, cross-attention) per layer."""
+        return [(KVCache(), KVCache()) for _ in self.decoder]
+
+    # --8<-- [start:forward]
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ModelOutput:
+        """Encode ``input_ids`` (B, S), decode ``decoder_input_ids`` (B, T), score the next tokens.
+
+        Args:
+            input_ids, attention_mask: the source and its padding mask (B, S), 1 = real token.
+            decoder_input_ids, decoder_attention_mask: the target's input and padding mask
+                (B, T); without ``decoder_input_ids``, ``shift_right(labels)`` is used.
+            labels: the target (B, T); -100 marks positions left out of the loss.
+            output_hidden_states, output_attentions: also return every layer's output and
+                attention weights (decoder in ``hidden_states``, ``attentions``,
+                ``cross_attentions``; encoder in ``encoder_hidden_states``, ``encoder_attentions``).
+
+        Returns:
+            ``ModelOutput`` with ``logits`` (B, T, V) and, given labels, the mean cross-entropy.
+        """
+        c = self.config
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids, or labels (shifted right to make them)")
+            decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
+        on = output_attentions
+        with (
+            recording_weights(attention_modules(self.encoder), on) as enc_weights,
+            recording_weights(attention_modules(self.decoder, "self_attn"), on) as dec_weights,
+            recording_weights(attention_modules(self.decoder, "cross_attn"), on) as cross_weights,
+        ):
+            enc_states = self._encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
+            memory = enc_states[-1]  # (B, S, D)
+            dec_states = self._decoder_states(
+                decoder_input_ids, memory, attention_mask, decoder_attention_mask, None
+            )  # L + 1 x (B, T, D)
+        logits = self._logits(dec_states[-1])  # (B, T, V)
+        loss = None
+        if labels is not None:
+            # Mean over the labels that are not -100: (B T, V) against (B T,), a scalar.
+            loss = F.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+            )
+        hidden = output_hidden_states
+        return ModelOutput(
+            logits=logits, loss=loss, last_hidden_state=dec_states[-1],
+            hidden_states=tuple(dec_states) if hidden else None,
+            attentions=tuple(dec_weights) if on else None,
+            cross_attentions=tuple(cross_weights) if on else None,
+            encoder_last_hidden_state=memory,
+            encoder_hidden_states=tuple(enc_states) if hidden else None,
+            encoder_attentions=tuple(enc_weights) if on else None,
+        )  # fmt: skip
+
+    # --8<-- [end:forward]

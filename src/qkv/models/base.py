@@ -1,0 +1,151 @@
+"""What every model family shares: its output record, its config handling, loading and saving.
+
+A family is one file in ``qkv/models`` with a frozen dataclass ``Config`` and a model class that
+subclasses ``QkvModel``; subclassing registers the family under its ``family`` name, which is
+how a checkpoint written by qkv finds its class again.
+
+Shape legend: B batch · T positions · D model width · V vocabulary · L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "FAMILIES",
+    "ModelOutput",
+    "QkvModel",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+
+@dataclass
+class ModelOutput:
+    """What a model's forward returns; fields a family does not produce stay None.
+
+    Attributes:
+        logits: scores over the vocabulary (B, T, V), or over classes (B, C).
+        loss: the training objective's loss when labels were given (a scalar).
+        hidden_states: the input of every layer and the final output, each (B, T, D), when
+            ``output_hidden_states=True``.
+        attentions: attention weights of every layer, each (B, H, T, S), when
+            ``output_attentions=True``.
+        last_hidden_state: the final hidden states (B, T, D).
+        pooler_output: a pooled summary (B, D), for families with a pooler.
+        encoder_last_hidden_state: encoder-decoders: the encoder's output (B, S, D).
+        encoder_hidden_states / cross_attentions: encoder-decoders, on request.
+    """
+
+    logits: Tensor | None = None
+    loss: Tensor | None = None
+    last_hidden_state: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    pooler_output: Tensor | None = None
+    encoder_last_hidden_state: Tensor | None = None
+    encoder_hidden_states: tuple[Tensor, ...] | None = None
+    encoder_attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
+
+
+FAMILIES: dict[str, type[QkvModel]] = {}
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON-ready data."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(config_class: type, data: dict[str, Any]) -> Any:
+    """Build ``config_class`` from a dict, naming any key it does not know."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown {config_class.__name__} field(s) {unknown}; known fields: {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(config_class)
+    values = {}
+    for key, value in data.items():
+        # JSON has no tuples: turn lists back into tuples where the field is a tuple.
+        if isinstance(value, list) and "tuple" in str(hints.get(key, "")):
+            value = tuple(value)
+        values[key] = value
+    return config_class(**values)
+
+
+class QkvModel(nn.Module):
+    """Base class of every model family: a config, a parameter count, loading and saving."""
+
+    family: ClassVar[str] = ""
+    config_class: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.family:
+            FAMILIES[cls.family] = cls
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+
+    def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, shared (tied) tensors counted once."""
+        seen: set[int] = set()
+        total = 0
+        skip: set[int] = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        for p in self.parameters():
+            if id(p) in seen or id(p) in skip:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``.
+
+        Families with a Hugging Face counterpart are written in its layout (so that
+        ``transformers`` loads them); the others in qkv's own layout. Both load with
+        ``qkv.from_pretrained``.
+        """
+        # interop/ builds on models/; these two methods are conveniences that call into it.
+        from qkv.interop import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike[str], **kwargs: Any) -> QkvModel:
+        """Load a checkpoint of this family (see ``qkv.from_pretrained``)."""
+        from qkv.interop import from_pretrained
+
+        model = from_pretrained(path_or_name, **kwargs)
+        if not isinstance(model, cls):
+            raise TypeError(
+                f"{path_or_name} holds a {type(model).__name__}, not a {cls.__name__}; "
+                "use qkv.from_pretrained to load whatever it holds"
+            )
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype

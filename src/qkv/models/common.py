@@ -1,0 +1,124 @@
+"""The small pieces several model families share: label conventions, the language-model loss,
+teacher forcing's shifted inputs, default positions, and finding the attention modules.
+
+    causal LM loss   = -mean_t log softmax(logits_t)[y_{t+1}]          (GPT, LLaMA)
+    decoder input    = [start, y_1, ..., y_{T-1}]                      (Transformer, T5, BART)
+    position of x_t  = (number of real tokens up to t) - 1             (with left padding)
+
+Each family file still reads top to bottom on its own; what lives here is the same math that
+would otherwise be copied into several of them. Labels equal to ``IGNORE_INDEX`` (-100, the
+value PyTorch's ``cross_entropy`` and Hugging Face use) are left out of every loss.
+
+Shape legend: B batch · T positions · V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from qkv.attention.multihead import MultiHeadAttention
+
+__all__ = [
+    "IGNORE_INDEX",
+    "attention_modules",
+    "causal_lm_loss",
+    "default_position_ids",
+    "shift_right",
+]
+
+IGNORE_INDEX = -100  # labels equal to this are left out of the loss (PyTorch's and HF's value)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy: the logits at t are scored against the label at t + 1.
+
+    Args:
+        logits: (B, T, V).
+        labels: (B, T) token ids, usually ``input_ids`` itself (the shift happens here);
+            ``IGNORE_INDEX`` (-100) marks positions left out of the loss.
+
+    Returns:
+        The mean loss over counted positions, a float32 scalar.
+
+    Example:
+        >>> logits = torch.zeros(1, 3, 4)  # uniform over V = 4 tokens
+        >>> causal_lm_loss(logits, torch.tensor([[0, 1, -100]]))  # one counted position: log 4
+        tensor(1.3863)
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T - 1, V), predictions for positions 1 ..
+    shift_labels = labels[:, 1:].to(logits.device)  # (B, T - 1), the tokens that came next
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),  # (B * (T - 1), V)
+        shift_labels.reshape(-1),  # (B * (T - 1),)
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def shift_right(labels: Tensor, start_token_id: int, pad_token_id: int) -> Tensor:
+    """Teacher forcing: the decoder reads [start, y_1, ..., y_{T-1}] to predict [y_1, ..., y_T].
+
+    Args:
+        labels: target token ids (B, T); ``IGNORE_INDEX`` (-100) marks positions the loss ignores.
+        start_token_id: the first decoder input (T5: the pad token; BART: the end token).
+        pad_token_id: replaces -100 in the shifted ids, since -100 is not a token.
+
+    Returns:
+        decoder_input_ids (B, T).
+
+    Example:
+        >>> shift_right(torch.tensor([[5, -100, 6]]), start_token_id=2, pad_token_id=1)
+        tensor([[2, 5, 1]])
+    """
+    start = labels.new_full((labels.shape[0], 1), start_token_id)  # (B, 1)
+    shifted = torch.cat([start, labels[:, :-1]], dim=1)  # (B, T)
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)  # (B, T)
+
+
+def default_position_ids(
+    attention_mask: Tensor | None, t: int, past: int = 0, *, device: torch.device | None = None
+) -> Tensor:
+    """Positions of the T new tokens: counted over real tokens only when there is padding.
+
+    With left padding (how batches are padded for generation) the first real token of each row
+    must get position 0, as it did in training, so positions count real tokens:
+    ``cumsum(attention_mask) - 1``, clamped at 0 for the padding before them.
+
+    Args:
+        attention_mask: (B, past + T), 1 = real token, 0 = padding; or None.
+        t: T, the number of new tokens.
+        past: positions already in the key/value cache.
+        device: where to create positions when there is no mask.
+
+    Returns:
+        (B, T) from a mask, else (T,) = past .. past + T - 1.
+
+    Example:
+        >>> default_position_ids(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), 4)
+        tensor([[0, 0, 0, 1],
+                [0, 1, 2, 3]])
+    """
+    if attention_mask is None:
+        return torch.arange(past, past + t, device=device)  # (T,)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
+    return positions[:, -t:]  # (B, T)
+
+
+def attention_modules(root: nn.Module, name: str | None = None) -> list[MultiHeadAttention]:
+    """The ``MultiHeadAttention`` modules inside ``root``, layer by layer, for recording.
+
+    Args:
+        root: a model or a stack of layers (an ``nn.ModuleList``).
+        name: keep only the modules registered under this attribute name, e.g. ``"self_attn"``
+            or ``"cross_attn"`` of decoder layers; None keeps all of them (within a decoder
+            layer, self-attention comes before cross-attention).
+
+    Returns:
+        The modules in registration order, to pass to ``qkv.attention.recording_weights``.
+    """
+    return [
+        m
+        for path, m in root.named_modules()
+        if isinstance(m, MultiHeadAttention) and (name is None or path.rsplit(".", 1)[-1] == name)
+    ]

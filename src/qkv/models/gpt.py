@@ -1,0 +1,239 @@
+"""GPT: a decoder-only Transformer that predicts each next token, in the GPT-2 layout.
+
+    h_0    = TokenEmbedding(x_t) + PositionEmbedding(t)
+    h_l    = DecoderLayer_l(h_{l-1})              pre-norm, causal self-attention, l = 1 .. L
+    logits = LayerNorm(h_L) W_E^T                 the output head is the token embedding W_E
+    loss   = -mean_t log softmax(logits_t)[x_{t+1}]
+
+Radford et al., "Language Models are Unsupervised Multitask Learners", 2019 (OpenAI report,
+no arXiv id): GPT-2, sections 2.3 and Table 2. Radford et al., "Improving Language
+Understanding by Generative Pre-Training", 2018 (OpenAI report, no arXiv id): GPT-1, the
+decoder-only language model this builds on. Press and Wolf, "Using the Output Embedding to
+Improve Language Models", 2017 (arXiv:1608.05859): the tied output head.
+
+A GPT is the decoder of the 2017 Transformer without cross-attention. Each position sees only
+itself and the positions before it, so one forward pass trains on every next-token prediction
+of the sequence at once. GPT-2 moved the LayerNorms to the input of each sublayer (pre-norm)
+and added one final LayerNorm after the last layer::
+
+    input_ids (B, T) ──> tok_emb + pos_emb ──> dropout          (B, T, D)
+                                 │
+                 ┌──> attn_norm ──> causal self-attention ──(+)     x L  (DecoderLayer,
+                 └──> mlp_norm  ──> feed-forward (GELU)     ──(+)         norm_first=True)
+                                 │
+                 final_norm ──> lm_head (= tok_emb.weight) ──> logits (B, T, V)
+
+Initialisation follows GPT-2: weights of linear layers and embeddings from N(0, 0.02²), biases
+zero, LayerNorm gains one; the two projections that write into the residual stream
+(``out_proj`` and ``mlp.down_proj``) use 0.02 / sqrt(2 L), so that the stream's variance does not
+grow with depth (GPT-2, section 2.3).
+
+Shape legend: B batch · T query positions · S key/value positions · D model width ·
+H query heads · E head dim · F MLP hidden width · V vocabulary · L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from qkv.attention import masks
+from qkv.attention.kv_cache import KVCache
+from qkv.attention.multihead import recording_weights
+from qkv.blocks.block import DecoderLayer
+from qkv.blocks.mlp import ACTIVATIONS, ActivationName
+from qkv.blocks.norms import LayerNorm
+from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.common import attention_modules, causal_lm_loss, default_position_ids
+from qkv.positional.learned import LearnedPositionalEmbedding
+
+__all__ = ["GPT", "PRESETS", "GPTConfig"]
+
+
+# --8<-- [start:config]
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+    """Sizes and switches of a GPT-2 style decoder-only language model."""
+
+    vocab_size: int = 50257
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    d_ff: int | None = None  # F; None means 4 * d_model (see ``ff_width``)
+    max_seq_len: int = 1024  # how many positions have a learned embedding
+    # On the embeddings, attention weights, residual branches and (unlike GPT-2) the MLP hidden.
+    dropout: float = 0.1
+    norm_eps: float = 1e-5
+    activation: ActivationName = "gelu_tanh"
+    tie_embeddings: bool = True  # lm_head shares its weight with tok_emb
+    attn_impl: str = "auto"  # see qkv.scaled_dot_product_attention
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; each head "
+                "gets d_model / n_heads features, so change one of them"
+            )
+        if self.d_ff is not None and self.d_ff < 1:
+            raise ValueError(f"d_ff must be positive (or None for 4 * d_model), got {self.d_ff}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; choose one of {list(ACTIVATIONS)}"
+            )
+
+    @property
+    def ff_width(self) -> int:
+        """F, the feed-forward hidden width: ``d_ff``, or 4 * d_model when it is None."""
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    @property
+    def head_dim(self) -> int:
+        """E = D / H."""
+        return self.d_model // self.n_heads
+
+
+# Radford et al. 2019, Table 2 (widths, depths) and OpenAI's released checkpoints (heads,
+# vocabulary, 1024 positions, dropout 0.1). Table 2 prints 117M / 345M / 762M / 1542M; OpenAI
+# later corrected these to 124M / 355M / 774M / 1558M (the gpt-2 repository's README), and the
+# exact counts below, with the head tied, are those transformers' GPT2LMHeadModel reports.
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(d_model=768, n_layers=12, n_heads=12),  # 124,439,808
+    "gpt2-medium": GPTConfig(d_model=1024, n_layers=24, n_heads=16),  # 354,823,168
+    "gpt2-large": GPTConfig(d_model=1280, n_layers=36, n_heads=20),  # 774,030,080
+    "gpt2-xl": GPTConfig(d_model=1600, n_layers=48, n_heads=25),  # 1,557,611,200
+    # For smoke tests and learning: runs in milliseconds on a CPU.
+    "tiny": GPTConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
+}
+
+
+# --8<-- [end:config]
+
+
+def _decoder_layer(c: GPTConfig) -> DecoderLayer:
+    """One GPT-2 layer: pre-norm LayerNorms, causal self-attention, no cross-attention."""
+    return DecoderLayer(
+        c.d_model, c.n_heads, c.ff_width, dropout=c.dropout, activation=c.activation,
+        norm="layer", norm_eps=c.norm_eps, norm_first=True, cross_attention=False,
+        attn_impl=c.attn_impl,
+    )  # fmt: skip
+
+
+class GPT(QkvModel):
+    """A GPT-2 style language model: embeddings, L pre-norm decoder layers, a tied head.
+
+    Args:
+        config: the sizes, see ``GPTConfig`` and ``PRESETS``.
+
+    Example:
+        >>> import torch
+        >>> model = GPT(PRESETS["tiny"])
+        >>> ids = torch.randint(0, 128, (2, 10))
+        >>> out = model(ids, labels=ids)
+        >>> out.logits.shape, out.loss.shape
+        (torch.Size([2, 10, 128]), torch.Size([]))
+    """
+
+    family = "gpt"
+    config_class = GPTConfig
+    config: GPTConfig
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # weight (V, D)
+        self.pos_emb = LearnedPositionalEmbedding(c.max_seq_len, c.d_model)  # (max_seq_len, D)
+        self.dropout = nn.Dropout(c.dropout)
+        self.layers = nn.ModuleList(_decoder_layer(c) for _ in range(c.n_layers))
+        self.final_norm = LayerNorm(c.d_model, eps=c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)  # weight (V, D)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one shared parameter, not a copy
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation (see the module docstring)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, LayerNorm):
+                module.reset_parameters()  # gain 1, shift 0
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("self_attn.out_proj.weight", "mlp.down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    # --8<-- [start:forward]
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ModelOutput:
+        """Score every next token of ``input_ids``.
+
+        Args:
+            input_ids: token ids (B, T).
+            attention_mask: (B, T), or (B, past + T) with a cache; 1 = real token, 0 = padding.
+            position_ids: (B, T) or (T,); default ``default_position_ids`` (counts real tokens,
+                so left padding works).
+            labels: (B, T), usually ``input_ids``; shifted inside, -100 = ignored.
+            cache: one ``KVCache`` per layer for incremental decoding; extended in place.
+            output_hidden_states: also return the embeddings and each layer's output (the last
+                one after ``final_norm``, as transformers reports it), each (B, T, D).
+            output_attentions: also return each layer's attention weights (B, H, T, S).
+
+        Returns:
+            ``ModelOutput`` with logits (B, T, V) and, with labels, the loss.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        t = input_ids.shape[1]
+        past = cache[0].seq_len if cache else 0
+        if past + t > self.config.max_seq_len:
+            raise ValueError(
+                f"{past + t} positions exceed max_seq_len={self.config.max_seq_len}: GPT has "
+                "a learned embedding for that many positions only; pass a shorter input"
+            )
+        mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, t, past, device=input_ids.device)
+        x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, D)
+        hidden: list[Tensor] = []  # the input of every layer, then the final output
+        with recording_weights(attention_modules(self.layers), output_attentions) as attentions:
+            for i, layer in enumerate(self.layers):
+                if output_hidden_states:
+                    hidden.append(x)
+                layer_cache = cache[i] if cache else None
+                x = layer(x, self_mask=mask, causal=True, cache=layer_cache)  # (B, T, D)
+        x = self.final_norm(x)  # (B, T, D)
+        hidden.append(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        return ModelOutput(
+            logits=logits,
+            loss=None if labels is None else causal_lm_loss(logits, labels),
+            last_hidden_state=x,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+    # --8<-- [end:forward]
+
+    def new_cache(self) -> list[KVCache]:
+        """An empty key/value cache, one per layer, to pass as ``cache=``."""
+        return [KVCache() for _ in self.layers]

@@ -1,0 +1,258 @@
+"""A LLaMA-style decoder: the GPT recipe with RMSNorm, SwiGLU, rotary positions and GQA.
+
+    h_0 = E[x]                                            token embeddings, no position vectors
+    h_l = h_{l-1} + Attn(RMSNorm(h_{l-1}), RoPE)          causal, grouped-query
+    h_l = h_l + SwiGLU(RMSNorm(h_l))                      l = 1 .. L
+    p(x_{t+1} | x_{<=t}) = softmax(RMSNorm(h_L) W_out)
+
+Touvron et al., "LLaMA: Open and Efficient Foundation Language Models", 2023 (arXiv:2302.13971).
+Touvron et al., "Llama 2: Open Foundation and Fine-Tuned Chat Models", 2023 (arXiv:2307.09288).
+Jiang et al., "Mistral 7B", 2023 (arXiv:2310.06825).
+
+Where it differs from GPT (``gpt.py``), and only there:
+
+* norm: RMSNorm without bias instead of LayerNorm (``blocks/norms.py``);
+* feed-forward: gated SwiGLU, three bias-free matrices, instead of a GELU MLP (``blocks/mlp.py``);
+* positions: no position embeddings; q and k are rotated by RoPE inside every attention
+  (``positional/rope.py``), so the scores see only relative offsets;
+* attention: no biases, and K <= H key/value heads (grouped-query attention, Llama 2 70B and
+  Mistral), which shrinks the key/value cache by H / K;
+* output: a separate ``lm_head`` (not tied to the embeddings), no dropout anywhere.
+
+Mistral adds a sliding window: each token sees only the ``sliding_window`` most recent
+positions (itself included); information from further back still flows through the layers,
+one window per layer. Every layer is pre-norm::
+
+    x ──┬── RMSNorm ── Attention(RoPE, GQA) ──(+)──┬── RMSNorm ── SwiGLU ──(+)──> next layer
+        └─────────────────────────────────────┘    └──────────────────────────┘
+
+Shape legend: B batch · T query positions · S key/value positions · D model width ·
+H query heads · K key/value heads · E head dim · F MLP hidden width · V vocabulary · L layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from qkv.attention import masks
+from qkv.attention.multihead import recording_weights
+from qkv.blocks.block import DecoderLayer
+from qkv.blocks.norms import RMSNorm
+from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.common import attention_modules, causal_lm_loss, default_position_ids
+from qkv.positional.rope import RotaryEmbedding
+
+__all__ = ["PRESETS", "Llama", "LlamaConfig"]
+
+
+# --8<-- [start:config]
+@dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Sizes and switches of a LLaMA-style decoder (LLaMA 1 and 2, Mistral).
+
+    Attributes:
+        vocab_size: V.
+        d_model: D, the width of the residual stream.
+        n_layers: L.
+        n_heads: H, query heads.
+        n_kv_heads: K, key/value heads; fewer than H gives grouped-query attention.
+        d_ff: F, the SwiGLU hidden width (about 8/3 D, rounded up; see ``blocks/mlp.py``).
+        max_seq_len: the longest sequence the model is run on (RoPE refuses later positions).
+        rope_base: the base of the rotary frequencies.
+        norm_eps: RMSNorm's epsilon (1e-6 in LLaMA 1, 1e-5 in Llama 2 and Mistral).
+        sliding_window: Mistral's window (each token sees this many positions); None = all.
+        tie_embeddings: share one matrix between ``tok_emb`` and ``lm_head`` (LLaMA: False).
+        dropout: attention, hidden and residual dropout while training (LLaMA uses none).
+        attn_impl: the attention backend: ``"auto"``, ``"sdpa"``, ``"reference"``, ...
+    """
+
+    vocab_size: int
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 8  # fewer than n_heads gives grouped-query attention
+    d_ff: int = 1376
+    max_seq_len: int = 1024
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    attn_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
+        for name in (*sizes, "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "change one so that each head gets d_model / n_heads dimensions"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim = d_model / n_heads = {self.head_dim} must be even: RoPE rotates "
+                "pairs of dimensions"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                "each key/value head must serve the same number of query heads"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(
+                f"sliding_window must be None (attend to all) or at least 1, "
+                f"got {self.sliding_window}"
+            )
+        if self.norm_eps <= 0 or self.rope_base <= 1:
+            raise ValueError(
+                f"norm_eps must be > 0 and rope_base > 1, got {self.norm_eps}, {self.rope_base}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        """E = D / H."""
+        return self.d_model // self.n_heads
+
+
+# Parameter counts are what transformers reports for the matching Hugging Face config (a test
+# checks them on the meta device); the papers round them.
+PRESETS: dict[str, LlamaConfig] = {
+    # Touvron et al. 2023 (arXiv:2302.13971), Table 2, "6.7B": 6,738,415,616 parameters.
+    "llama-7b": LlamaConfig(
+        vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11_008,
+        max_seq_len=2048, norm_eps=1e-6,
+    ),
+    # Touvron et al. 2023 (arXiv:2307.09288), Table 1, "7B": the LLaMA-7B shapes with a 4k
+    # context (the checkpoint's config: rms_norm_eps 1e-5); 6,738,415,616 parameters.
+    "llama2-7b": LlamaConfig(
+        vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11_008,
+        max_seq_len=4096, norm_eps=1e-5,
+    ),
+    # Jiang et al. 2023 (arXiv:2310.06825), Table 1; "7B" in the title, 7.3B in the release notes,
+    # 7,241,732,096 exactly: 8 KV heads, window 4096. max_seq_len follows Mistral-7B-v0.1's
+    # config (max_position_embeddings 32768); the paper's Table 1 gives context_len 8192.
+    "mistral-7b": LlamaConfig(
+        vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14_336,
+        max_seq_len=32_768, norm_eps=1e-5, sliding_window=4096,
+    ),
+    # For tests and smoke runs: 2 layers, width 32, 4 query heads sharing 2 KV heads.
+    "tiny": LlamaConfig(
+        vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=88,
+        max_seq_len=64,
+    ),
+}  # fmt: skip
+
+
+# --8<-- [end:config]
+
+
+class Llama(QkvModel):
+    """A LLaMA-style decoder-only language model.
+
+    Weights start as in the original: every linear and embedding matrix normal(0, 0.02), RMSNorm
+    gains 1 (Hugging Face's ``initializer_range=0.02``).
+
+    Args:
+        config: a ``LlamaConfig``.
+
+    Example:
+        >>> import torch
+        >>> model = Llama(PRESETS["tiny"])
+        >>> ids = torch.randint(0, 128, (2, 6))
+        >>> out = model(ids, labels=ids)
+        >>> out.logits.shape, out.loss.shape
+        (torch.Size([2, 6, 128]), torch.Size([]))
+    """
+
+    family = "llama"
+    config_class = LlamaConfig
+    config: LlamaConfig
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # no position embedding: RoPE
+        # One rotary module, shared by every layer's attention (it holds no parameters).
+        self.rotary = RotaryEmbedding(c.head_dim, base=c.rope_base, max_seq_len=c.max_seq_len)
+        self.layers = nn.ModuleList(self._layer(c) for _ in range(c.n_layers))
+        self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one shared (V, D) parameter
+
+    def _layer(self, c: LlamaConfig) -> DecoderLayer:
+        """A pre-norm RMSNorm layer: bias-free rotary GQA attention, then bias-free SwiGLU."""
+        return DecoderLayer(
+            c.d_model, c.n_heads, c.d_ff, n_kv_heads=c.n_kv_heads, dropout=c.dropout,
+            activation="silu", gated=True, norm="rms", norm_eps=c.norm_eps, bias=False,
+            norm_first=True, cross_attention=False, rotary=self.rotary, attn_impl=c.attn_impl,
+        )  # fmt: skip
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # --8<-- [start:forward]
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ModelOutput:
+        """Next-token logits for every position.
+
+        Args:
+            input_ids: token ids, (B, T) long.
+            attention_mask: 1 = real token, 0 = padding, (B, T); padding may sit on either side.
+            position_ids: positions for RoPE, (B, T) or (T,); default: the number of real tokens
+                before each one (so left-padded sequences start at 0), else 0 .. T - 1.
+            labels: (B, T) target ids, usually ``input_ids``; shifted inside, so position t is
+                scored on token t + 1. -100 marks positions left out of the loss.
+            output_hidden_states: also return the embeddings and every layer's output
+                (the last one after the final norm, as transformers does), each (B, T, D).
+            output_attentions: also return every layer's attention weights, each (B, H, T, T).
+
+        Returns:
+            ``ModelOutput`` with ``logits`` (B, T, V), ``last_hidden_state`` (B, T, D), and
+            ``loss`` (scalar, mean cross-entropy) when labels are given.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        t = input_ids.shape[1]
+        mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, T)
+        if self.config.sliding_window is not None:  # Mistral: only the last W positions
+            window = masks.sliding_window(t, self.config.sliding_window, device=input_ids.device)
+            mask = window if mask is None else mask & window  # (T, T) or (B, 1, T, T)
+        if position_ids is None:  # real tokens counted, so left padding starts at 0
+            position_ids = default_position_ids(attention_mask, t, device=input_ids.device)
+
+        x = self.tok_emb(input_ids)  # (B, T, D)
+        hidden_states = [x]
+        with recording_weights(attention_modules(self.layers), output_attentions) as weights:
+            for layer in self.layers:
+                x = layer(x, self_mask=mask, causal=True, position_ids=position_ids)  # (B, T, D)
+                hidden_states.append(x)
+        x = self.final_norm(x)  # (B, T, D)
+        hidden_states[-1] = x  # transformers reports the last layer's output after the norm
+        logits = self.lm_head(x)  # (B, T, V)
+        return ModelOutput(
+            logits=logits,
+            loss=None if labels is None else causal_lm_loss(logits, labels),
+            last_hidden_state=x,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(weights) if output_attentions else None,  # L x (B, H, T, T)
+        )
+
+    # --8<-- [end:forward]

@@ -1,0 +1,239 @@
+"""Prefix-LM: one decoder stack that reads a prefix in both directions and writes the rest.
+
+    mask[i, j] = (j <= i) or (j < prefix_len)       query i may see key j
+    loss = -mean_{t >= prefix_len} log P(x_t | x_<t)
+
+Raffel et al., "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+Transformer", 2020 (arXiv:1910.10683), section 3.2.1 and Figure 3. Dong et al., "Unified
+Language Model Pre-training for Natural Language Understanding and Generation" (UniLM), 2019
+(arXiv:1905.03197).
+
+A decoder-only language model is causal everywhere: even the input it is given (a question,
+a sentence to translate) is read left to right. A prefix-LM lifts the causal mask on the
+prefix: its tokens see each other in both directions, as an encoder would, while the
+continuation stays causal, so the model can still generate it token by token. Only the
+attention mask changes; the layers are those of a pre-norm GPT-style decoder, and the loss
+counts only the continuation (predicting the prefix would leak: its tokens see the future)::
+
+    prefix_len = 2, T = 4          keys ->
+                                   p p c c
+                         query p   1 1 . .      prefix: bidirectional
+                               p   1 1 . .
+                               c   1 1 1 .      continuation: causal
+                               c   1 1 1 1
+
+Shape legend: B batch · T positions · D model width · H heads · F MLP hidden width ·
+V vocabulary · L layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qkv.attention import masks
+from qkv.attention.multihead import recording_weights
+from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, LayerNorm
+from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.common import IGNORE_INDEX, attention_modules, causal_lm_loss
+from qkv.positional import LearnedPositionalEmbedding
+
+__all__ = ["PRESETS", "PrefixLM", "PrefixLMConfig", "prefix_lm_loss"]
+
+
+# --8<-- [start:config]
+@dataclass(frozen=True, kw_only=True)
+class PrefixLMConfig:
+    """Sizes and switches of a decoder-only prefix language model (pre-norm, learned positions)."""
+
+    vocab_size: int = 32_000
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    d_ff: int = 3072
+    max_seq_len: int = 512  # how many positions have a learned embedding
+    dropout: float = 0.1
+    norm_eps: float = 1e-5
+    activation: ActivationName = "relu"
+    tie_embeddings: bool = True  # lm_head shares its weight with tok_emb
+    attn_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads < 1 or self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; use {list(ACTIVATIONS)}")
+
+
+PRESETS: dict[str, PrefixLMConfig] = {
+    # Raffel et al. 2020, section 3.2 and Table 2: the prefix-LM of the architecture comparison,
+    # one 12-block stack of the T5 baseline's size (D = 768, F = 3072, 12 heads, ReLU, 32k
+    # SentencePiece vocabulary, 512 tokens), here with learned positions, LayerNorm and biases
+    # instead of T5's relative bias, RMSNorm and bias-free layers. The paper gives no exact count
+    # (Table 2 calls it P, one stack of the ~220M encoder-decoder baseline); this one has
+    # 110,025,216 parameters.
+    "prefix-lm-base": PrefixLMConfig(),
+    # Smoke tests: 2 layers of width 32, a 64-token vocabulary.
+    "tiny": PrefixLMConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64
+    ),
+}
+
+
+# --8<-- [end:config]
+
+
+def prefix_lm_loss(logits: Tensor, labels: Tensor, prefix_lengths: Tensor) -> Tensor:
+    """Next-token cross-entropy over the continuation only: ``causal_lm_loss`` with the
+    prefix's labels ignored.
+
+    The logits at t score the label at t + 1, which counts only when t + 1 >= prefix_len: the
+    last prefix position predicts the first continuation token, the prefix itself is not scored.
+
+    Args:
+        logits: (B, T, V).
+        labels: (B, T), usually ``input_ids``; -100 marks further positions to ignore (padding).
+        prefix_lengths: (B,).
+
+    Returns:
+        The mean loss over counted positions, a float32 scalar.
+    """
+    positions = torch.arange(labels.shape[1], device=labels.device)  # (T,)
+    in_prefix = positions < prefix_lengths.to(labels.device)[:, None]  # (B, T)
+    return causal_lm_loss(logits, labels.masked_fill(in_prefix, IGNORE_INDEX))
+
+
+class PrefixLM(QkvModel):
+    """A decoder-only language model whose prefix attends bidirectionally.
+
+    Initialisation as GPT-2 and BERT: linear and embedding weights from normal(0, 0.02²),
+    biases 0, LayerNorms 1 and 0.
+
+    Args:
+        config: a ``PrefixLMConfig``.
+
+    Example:
+        >>> import torch
+        >>> model = PrefixLM(PRESETS["tiny"])
+        >>> ids = torch.randint(0, 64, (2, 10))
+        >>> out = model(ids, prefix_lengths=torch.tensor([4, 6]), labels=ids)
+        >>> out.logits.shape, out.loss.shape
+        (torch.Size([2, 10, 64]), torch.Size([]))
+    """
+
+    family = "prefix_lm"
+    config_class = PrefixLMConfig
+    config: PrefixLMConfig
+
+    def __init__(self, config: PrefixLMConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # (V, D)
+        self.pos_emb = LearnedPositionalEmbedding(c.max_seq_len, c.d_model)
+        self.dropout = nn.Dropout(c.dropout)
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                c.d_model, c.n_heads, c.d_ff, dropout=c.dropout, activation=c.activation,
+                norm_eps=c.norm_eps, norm_first=True, cross_attention=False,
+                attn_impl=c.attn_impl,
+            )
+            for _ in range(c.n_layers)
+        )  # fmt: skip
+        self.final_norm = LayerNorm(c.d_model, eps=c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)  # (V, D)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one (V, D) matrix, two roles
+
+    def build_mask(
+        self, prefix_lengths: Tensor, t: int, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """Which keys each query sees: prefix both ways, the rest causal, padding hidden.
+
+        Args:
+            prefix_lengths: (B,) integers in [0, T].
+            t: T.
+            attention_mask: (B, T), 1 = real token, 0 = padding (on the right).
+
+        Returns:
+            Boolean (B, 1, T, T), True = may attend.
+        """
+        if prefix_lengths.dim() != 1 or ((prefix_lengths < 0) | (prefix_lengths > t)).any():
+            raise ValueError(
+                f"prefix_lengths must be a (B,) tensor of lengths in [0, T={t}], got "
+                f"{prefix_lengths.tolist()}"
+            )
+        mask = masks.prefix_lm(prefix_lengths, t, device=prefix_lengths.device)  # (B, 1, T, T)
+        if attention_mask is not None:
+            mask = mask & masks.padding(attention_mask).to(mask.device)  # (B, 1, T, T)
+        return mask
+
+    # --8<-- [start:forward]
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        prefix_lengths: Tensor | int,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ModelOutput:
+        """Score every next token of ``input_ids``, the first ``prefix_lengths`` read both ways.
+
+        Args:
+            input_ids: token ids (B, T), prefix first, padding (if any) on the right.
+            attention_mask: (B, T), 1 = real token, 0 = padding.
+            prefix_lengths: (B,) how many leading tokens of each row form its prefix (an int:
+                the same for every row).
+            labels: (B, T), usually ``input_ids``; shifted inside like a causal LM. The model
+                itself leaves the prefix out of the loss; mark padding with -100.
+            output_hidden_states: also return the embeddings and each layer's output (the last
+                one after ``final_norm``, as transformers' GPT-2 reports it), each (B, T, D).
+            output_attentions: also return each layer's attention weights (B, H, T, T).
+
+        Returns:
+            ``ModelOutput`` with ``logits`` (B, T, V) and, with labels, the loss.
+        """
+        b, t = input_ids.shape
+        if t > self.config.max_seq_len:
+            raise ValueError(f"T={t} exceeds max_seq_len={self.config.max_seq_len}")
+        prefix = torch.as_tensor(prefix_lengths, device=input_ids.device)  # () or (B,)
+        prefix = prefix.expand(b) if prefix.dim() == 0 else prefix  # (B,)
+        if prefix.shape != (b,) or prefix.is_floating_point():
+            raise ValueError(
+                f"prefix_lengths must be an int or a (B,) tensor of B={b} integers, got "
+                f"{prefix.tolist()}"
+            )
+        mask = self.build_mask(prefix, t, attention_mask)  # (B, 1, T, T)
+        positions = torch.arange(t, device=input_ids.device)  # (T,)
+        x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(positions))  # (B, T, D)
+        states = [x]
+        with recording_weights(attention_modules(self.layers), output_attentions) as weights:
+            for layer in self.layers:
+                # causal=False: the prefix-LM mask already holds the causal part.
+                x = layer(x, self_mask=mask, causal=False)  # (B, T, D)
+                states.append(x)
+        x = self.final_norm(x)  # (B, T, D)
+        states[-1] = x
+        logits = self.lm_head(x)  # (B, T, V)
+        return ModelOutput(
+            logits=logits,
+            loss=None if labels is None else prefix_lm_loss(logits, labels, prefix),
+            last_hidden_state=x,
+            hidden_states=tuple(states) if output_hidden_states else None,
+            attentions=tuple(weights) if output_attentions else None,
+        )
+
+    # --8<-- [end:forward]

@@ -1,0 +1,354 @@
+"""T5: an encoder-decoder Transformer with relative position biases, trained text to text.
+
+    encoder:  h = EncoderLayer^L(tok_emb(x)),  scores_ij = q_i · k_j + b_enc[h, bucket(j - i)]
+    decoder:  causal self-attention (+ b_dec), cross-attention to the encoder's output, FFN
+    logits:   lm_head(RMSNorm(h_dec) * D^-1/2)   (v1.0: tied output, hence the rescaling)
+
+Raffel et al., "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+Transformer", 2020 (arXiv:1910.10683). T5 v1.1 swaps the ReLU feed-forward network for GeGLU
+(Shazeer, "GLU Variants Improve Transformer", 2020, arXiv:2002.05202) and unties the output layer.
+
+What T5 changes from the 2017 encoder-decoder:
+
+* pre-norm layers with RMSNorm (no mean subtraction, no shift) and no bias in any linear layer;
+* no absolute positions: each stack learns one scalar per head and bucket of offsets j - i,
+  added to the scores; it is computed once per stack and shared by all of its layers;
+* scores are not divided by sqrt(E): the initialisation of W_Q absorbs that factor;
+* one token embedding for encoder and decoder (and, in v1.0, the output layer)::
+
+    input_ids -> tok_emb -> dropout -> EncoderLayer x L -> RMSNorm -> dropout -> memory
+                                         (+ b_enc)                              |
+    decoder_input_ids -> tok_emb -> dropout -> DecoderLayer x L_dec -> RMSNorm -> dropout
+                                     (+ b_dec, cross-attention to memory)      -> lm_head
+
+Shape legend: B batch · T decoder positions · S encoder positions · D model width ·
+H heads · E head dim (d_kv) · F MLP hidden width · V vocabulary · L layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from qkv.attention.kv_cache import KVCache
+from qkv.attention.masks import padding
+from qkv.attention.multihead import MultiHeadAttention, recording_weights
+from qkv.blocks import DecoderLayer, EncoderLayer, RMSNorm
+from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.common import IGNORE_INDEX, attention_modules, shift_right
+from qkv.positional import T5RelativeBias
+
+__all__ = ["PRESETS", "T5", "T5Config"]
+
+
+# --8<-- [start:config]
+@dataclass(frozen=True, kw_only=True)
+class T5Config:
+    """Sizes and switches of a T5 encoder-decoder, v1.0 (ReLU, tied) or v1.1 (GeGLU, untied)."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64  # E: T5 sets the head width on its own, not as d_model / n_heads
+    d_ff: int = 2048
+    n_layers: int = 6  # encoder layers
+    n_decoder_layers: int | None = None  # None: as many as the encoder
+    n_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout: float = 0.1  # embeddings, attention weights, FFN hidden, residuals, final output
+    norm_eps: float = 1e-6
+    feed_forward: Literal["relu", "gated-gelu"] = "relu"  # "gated-gelu": v1.1's GeGLU (tanh)
+    tie_embeddings: bool = True  # v1.0: lm_head shares tok_emb and the output is scaled D^-1/2
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0  # T5 starts decoding from the pad token
+    attn_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
+            raise ValueError(f"n_decoder_layers must be >= 1 or None, got {self.n_decoder_layers}")
+        if self.feed_forward not in ("relu", "gated-gelu"):
+            raise ValueError(f"feed_forward must be 'relu' (T5 v1.0) or 'gated-gelu' (T5 v1.1), "
+                             f"got {self.feed_forward!r}")  # fmt: skip
+        nb, far = self.relative_attention_num_buckets, self.relative_attention_max_distance
+        if nb < 4 or far <= nb // 2:
+            raise ValueError(
+                "need relative_attention_num_buckets >= 4 and relative_attention_max_distance > "
+                f"num_buckets // 2 (T5: 32 and 128), got {nb} and {far}"
+            )
+        if not 0.0 <= self.dropout < 1.0 or self.norm_eps <= 0:
+            raise ValueError(f"need 0 <= dropout < 1 and norm_eps > 0, got {self.dropout}, "
+                             f"{self.norm_eps}")  # fmt: skip
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} is not a token id of a "
+                                 f"vocab_size={self.vocab_size} vocabulary")  # fmt: skip
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_kv
+
+    @property
+    def decoder_layers(self) -> int:
+        """The number of decoder layers, n_decoder_layers or else n_layers."""
+        return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
+
+
+PRESETS: dict[str, T5Config] = {
+    # Raffel et al. 2020 (arXiv:1910.10683), section 3.7: "Small", about 60 million parameters;
+    # exactly 60,506,624, as transformers counts google-t5/t5-small (tied embeddings).
+    "t5-small": T5Config(d_model=512, d_kv=64, d_ff=2048, n_layers=6, n_heads=8),
+    # Section 3.7 "Base", about 220 million; exactly 222,903,552 (google-t5/t5-base).
+    "t5-base": T5Config(d_model=768, d_kv=64, d_ff=3072, n_layers=12, n_heads=12),
+    # T5 v1.1 (google/t5-v1_1-small checkpoint config; the T5 repository's released_checkpoints):
+    # GeGLU, untied output layer: 76,961,152 parameters with its own lm_head (32128 x 512), as
+    # transformers counts the loaded checkpoint (its fresh v1.1 models tie lm_head: 60,511,616).
+    "t5-v1_1-small": T5Config(d_model=512, d_kv=64, d_ff=1024, n_layers=8, n_heads=6,
+                              feed_forward="gated-gelu", tie_embeddings=False),
+    # google/t5-v1_1-base: 247,577,856 parameters, t5-base's 222,903,552 plus the untied lm_head.
+    "t5-v1_1-base": T5Config(d_model=768, d_kv=64, d_ff=2048, n_layers=12, n_heads=12,
+                             feed_forward="gated-gelu", tie_embeddings=False),
+    # Smoke tests: 2 + 2 layers, width 32.
+    "tiny": T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, n_layers=2, n_heads=4,
+                     relative_attention_num_buckets=8, relative_attention_max_distance=16),
+}  # fmt: skip
+
+
+# --8<-- [end:config]
+
+
+class T5(QkvModel):
+    """T5 (Raffel et al. 2020): encoder, decoder and language-model head.
+
+    Initialised like Mesh TensorFlow's T5 (the original code): embeddings and an untied lm_head
+    normal(0, 1); W_Q normal(0, (D E)^-1/2), which stands in for the missing 1/sqrt(E);
+    W_K, W_V and the FFN input normal(0, D^-1/2); W_O normal(0, (H E)^-1/2); the FFN output
+    normal(0, F^-1/2); the position biases normal(0, D^-1/2); norm gains 1.
+
+    Example:
+        >>> import torch
+        >>> model = T5(PRESETS["tiny"]).eval()
+        >>> ids, labels = torch.randint(2, 128, (2, 6)), torch.randint(2, 128, (2, 4))
+        >>> out = model(ids, torch.ones(2, 6, dtype=torch.long), labels=labels)
+        >>> out.logits.shape, out.loss.shape
+        (torch.Size([2, 4, 128]), torch.Size([]))
+    """
+
+    family = "t5"
+    config_class = T5Config
+    config: T5Config
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # shared by encoder and decoder
+        nb, far = c.relative_attention_num_buckets, c.relative_attention_max_distance
+        # One relative bias per stack, computed once per forward and shared by all its layers.
+        self.encoder_pos_bias = T5RelativeBias(c.n_heads, num_buckets=nb, max_distance=far)
+        self.decoder_pos_bias = T5RelativeBias(
+            c.n_heads, bidirectional=False, num_buckets=nb, max_distance=far
+        )
+        gated = c.feed_forward == "gated-gelu"
+        layer: dict[str, Any] = dict(
+            d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
+            activation="gelu_tanh" if gated else "relu", gated=gated, norm="rms",
+            norm_eps=c.norm_eps, bias=False, norm_first=True, head_dim=c.d_kv, attn_scale=1.0,
+            attn_impl=c.attn_impl,
+        )  # fmt: skip
+        self.encoder_layers = nn.ModuleList(EncoderLayer(**layer) for _ in range(c.n_layers))
+        self.encoder_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(**layer) for _ in range(c.decoder_layers))
+        self.decoder_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one tensor, counted once
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """T5's initialisation (see the class docstring)."""
+        c, normal = self.config, nn.init.normal_
+        normal(self.tok_emb.weight, std=1.0)
+        if not c.tie_embeddings:
+            normal(self.lm_head.weight, std=1.0)
+        for rel in (self.encoder_pos_bias, self.decoder_pos_bias):
+            normal(rel.relative_attention_bias.weight, std=c.d_model**-0.5)
+        for m in self.modules():
+            if isinstance(m, MultiHeadAttention):
+                normal(m.q_proj.weight, std=(c.d_model * c.d_kv) ** -0.5)
+                normal(m.k_proj.weight, std=c.d_model**-0.5)
+                normal(m.v_proj.weight, std=c.d_model**-0.5)
+                normal(m.out_proj.weight, std=(c.n_heads * c.d_kv) ** -0.5)
+            elif isinstance(m, (EncoderLayer, DecoderLayer)):
+                for name, p in m.mlp.named_parameters():
+                    normal(p, std=(c.d_ff if name.startswith("down") else c.d_model) ** -0.5)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    # --8<-- [start:encode]
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ModelOutput:
+        """Run the encoder.
+
+        Args:
+            input_ids: (B, S) token ids.
+            attention_mask: (B, S), 1 = real token, 0 = padding.
+            output_hidden_states: also return the embeddings and every layer's output, the last
+                one after the final norm (as transformers does), L + 1 tensors (B, S, D).
+            output_attentions: also return every layer's attention weights (B, H, S, S).
+
+        Returns:
+            ``last_hidden_state`` (B, S, D), plus ``hidden_states`` / ``attentions`` on request.
+        """
+        s = input_ids.shape[1]
+        mask = None if attention_mask is None else padding(attention_mask)  # (B, 1, 1, S)
+        bias = self.encoder_pos_bias.bias(s, s, device=input_ids.device)  # (1, H, S, S)
+        x = self.dropout(self.tok_emb(input_ids))  # (B, S, D)
+        hidden = [x]
+        with recording_weights(attention_modules(self.encoder_layers), output_attentions) as attn:
+            for layer in self.encoder_layers:
+                x = layer(x, mask=mask, bias=bias)  # (B, S, D), one bias shared by all layers
+                hidden.append(x)
+        x = self.dropout(self.encoder_norm(x))  # (B, S, D)
+        hidden[-1] = x
+        return ModelOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attn) if output_attentions else None,
+        )
+
+    # --8<-- [end:encode]
+
+    # --8<-- [start:decode]
+    def decode(
+        self,
+        decoder_input_ids: Tensor,
+        encoder_hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        *,
+        cache: Sequence[KVCache] | None = None,
+        cross_cache: Sequence[KVCache] | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ModelOutput:
+        """Run the decoder and the language-model head on the encoder's output.
+
+        Args:
+            decoder_input_ids: (B, T) token ids; with ``cache``, only the new positions.
+            encoder_hidden_states: the encoder's ``last_hidden_state`` (B, S, D).
+            attention_mask: the encoder's (B, S), 1 = real token, 0 = padding.
+            decoder_attention_mask: (B, T), or (B, cached + T) with a cache; 1 = real token.
+            cache: one self-attention ``KVCache`` per decoder layer, extended in place.
+            cross_cache: one cross-attention ``KVCache`` per decoder layer, filled once.
+            output_hidden_states, output_attentions: as in ``encode``; cross-attention
+                weights (B, H, T, S) go to ``cross_attentions``.
+
+        Returns:
+            ``logits`` (B, T, V) and ``last_hidden_state`` (B, T, D), plus what was requested.
+        """
+        n, t = len(self.decoder_layers), decoder_input_ids.shape[1]
+        caches = [None] * n if cache is None else list(cache)
+        cross_caches = [None] * n if cross_cache is None else list(cross_cache)
+        if len(caches) != n or len(cross_caches) != n:
+            raise ValueError(f"cache and cross_cache need one KVCache per decoder layer ({n})")
+        past = 0 if cache is None else cache[0].seq_len
+        self_mask = memory_mask = None
+        if decoder_attention_mask is not None:
+            self_mask = padding(decoder_attention_mask)  # (B, 1, 1, past + T)
+        if attention_mask is not None:
+            memory_mask = padding(attention_mask)  # (B, 1, 1, S)
+        device = decoder_input_ids.device
+        bias = self.decoder_pos_bias.bias(t, past + t, device=device)  # (1, H, T, past + T)
+        x = self.dropout(self.tok_emb(decoder_input_ids))  # (B, T, D)
+        hidden = [x]
+        layers, on, memory = self.decoder_layers, output_attentions, encoder_hidden_states
+        with (
+            recording_weights(attention_modules(layers, "self_attn"), on) as attn,
+            recording_weights(attention_modules(layers, "cross_attn"), on) as cross_attn,
+        ):
+            for layer, kv, cross_kv in zip(layers, caches, cross_caches, strict=True):
+                x = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask, bias=bias,
+                          cache=kv, cross_cache=cross_kv)  # (B, T, D)  # fmt: skip
+                hidden.append(x)
+        x = self.dropout(self.decoder_norm(x))  # (B, T, D)
+        hidden[-1] = x
+        # v1.0: the tied embedding rows have unit variance, so h · e grows like sqrt(D); rescale.
+        scale = self.config.d_model**-0.5 if self.config.tie_embeddings else 1.0
+        logits = self.lm_head(x * scale)  # (B, T, V)
+        return ModelOutput(
+            logits=logits,
+            last_hidden_state=x,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attn) if on else None,
+            cross_attentions=tuple(cross_attn) if on else None,
+        )
+
+    # --8<-- [end:decode]
+
+    # --8<-- [start:forward]
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ModelOutput:
+        """Encode ``input_ids``, decode ``decoder_input_ids`` and score the next tokens.
+
+        Args:
+            input_ids: (B, S) token ids; attention_mask: (B, S), 1 = real token, 0 = padding.
+            decoder_input_ids: (B, T); when None, ``shift_right(labels)`` (teacher forcing).
+            decoder_attention_mask: (B, T), 1 = real token, 0 = padding.
+            labels: (B, T) targets; gives ``loss``, the mean cross-entropy over labels != -100.
+            output_hidden_states, output_attentions: see ``encode`` and ``decode``.
+
+        Returns:
+            ``ModelOutput``: logits (B, T, V), loss, the decoder's last_hidden_state,
+            hidden_states, attentions and cross_attentions, and the encoder_* fields.
+        """
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids, or labels to build them from")
+            c = self.config
+            decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
+        hidden, attentions = output_hidden_states, output_attentions
+        enc = self.encode(input_ids, attention_mask, output_hidden_states=hidden,
+                          output_attentions=attentions)  # fmt: skip
+        assert enc.last_hidden_state is not None
+        dec = self.decode(decoder_input_ids, enc.last_hidden_state, attention_mask,
+                          decoder_attention_mask, output_hidden_states=hidden,
+                          output_attentions=attentions)  # fmt: skip
+        assert dec.logits is not None
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(dec.logits.flatten(0, 1).float(), labels.flatten(),
+                                   ignore_index=IGNORE_INDEX)  # fmt: skip
+        return ModelOutput(
+            logits=dec.logits, loss=loss, last_hidden_state=dec.last_hidden_state,
+            hidden_states=dec.hidden_states, attentions=dec.attentions,
+            cross_attentions=dec.cross_attentions,
+            encoder_last_hidden_state=enc.last_hidden_state,
+            encoder_hidden_states=enc.hidden_states, encoder_attentions=enc.attentions,
+        )  # fmt: skip
+
+    # --8<-- [end:forward]

@@ -1,0 +1,74 @@
+"""What the model families share: the causal LM loss, teacher forcing's shift, default
+positions, and finding attention modules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from qkv.attention.multihead import MultiHeadAttention
+from qkv.blocks import DecoderLayer, EncoderLayer
+from qkv.models.common import (
+    IGNORE_INDEX,
+    attention_modules,
+    causal_lm_loss,
+    default_position_ids,
+    shift_right,
+)
+
+
+def test_causal_lm_loss_scores_each_position_on_the_next_token() -> None:
+    logits = torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[1, 3:] = IGNORE_INDEX
+    terms = [
+        -F.log_softmax(logits[b, t], dim=-1)[labels[b, t + 1]]
+        for b in range(2)
+        for t in range(4)
+        if labels[b, t + 1] != IGNORE_INDEX
+    ]
+    expected = torch.stack(terms).mean()
+    loss = causal_lm_loss(logits, labels)
+    assert loss.shape == () and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
+
+
+def test_causal_lm_loss_is_computed_in_float32() -> None:
+    logits = torch.zeros(1, 3, 4, dtype=torch.bfloat16)  # uniform: loss log 4 at each position
+    loss = causal_lm_loss(logits, torch.tensor([[0, 1, 2]]))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, torch.tensor(math.log(4)), atol=1e-6, rtol=0)
+
+
+def test_shift_right() -> None:
+    labels = torch.tensor([[5, 6, 7], [8, -100, -100]])
+    expected = torch.tensor([[0, 5, 6], [0, 8, 0]])
+    assert torch.equal(shift_right(labels, start_token_id=0, pad_token_id=0), expected)
+
+
+def test_shift_right_with_distinct_start_and_pad() -> None:
+    labels = torch.tensor([[7, 8, 9], [7, -100, -100]])
+    assert shift_right(labels, 2, 1).tolist() == [[2, 7, 8], [2, 7, 1]]
+
+
+def test_default_position_ids() -> None:
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    expected = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]])
+    assert torch.equal(default_position_ids(mask, 5), expected)
+    assert torch.equal(default_position_ids(mask, 2), expected[:, 3:])  # the last 2 of a cache
+    assert torch.equal(default_position_ids(None, 3, past=4), torch.tensor([4, 5, 6]))
+
+
+def test_attention_modules_in_layer_order() -> None:
+    encoder = torch.nn.ModuleList(EncoderLayer(16, 2, 32) for _ in range(2))
+    decoder = torch.nn.ModuleList(DecoderLayer(16, 2, 32) for _ in range(2))
+    assert attention_modules(encoder) == [layer.self_attn for layer in encoder]
+    self_attn = [layer.self_attn for layer in decoder]
+    cross_attn = [layer.cross_attn for layer in decoder]
+    assert attention_modules(decoder, "self_attn") == self_attn
+    assert attention_modules(decoder, "cross_attn") == cross_attn
+    both = attention_modules(decoder)
+    assert both == [self_attn[0], cross_attn[0], self_attn[1], cross_attn[1]]
+    assert all(isinstance(m, MultiHeadAttention) for m in both)
