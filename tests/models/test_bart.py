@@ -18,9 +18,16 @@ from torch import Tensor
 
 import qkv.interop
 from qkv.interop import CheckpointError
-from qkv.interop.hf_bart import config_to_hf
+from qkv.interop.hf_bart import config_from_hf, config_to_hf
 from qkv.models.bart import PRESETS, Bart, BartConfig
 from qkv.positional import sinusoidal_table
+from tests.models.decoding import (
+    CACHE_KINDS,
+    assert_close,
+    check_left_padded_source,
+    new_cache,
+    run_encoder_decoder,
+)
 
 ATOL = 1e-4  # float32, a whole model deep
 FAMILIES = ["bart", "marian"]
@@ -309,3 +316,75 @@ def test_too_long_and_unconvertible() -> None:
         config_to_hf(dataclasses.replace(PRESETS["tiny"], layernorm_embedding=False))
     with pytest.raises(ValueError, match="decoder_input_ids, or labels"):
         model(torch.zeros(1, 3, dtype=torch.long))
+
+
+# The decoding protocol: new_caches(batch_size, max_len) and decode(..., caches=) ---------------
+
+
+def random_model(name: str) -> Bart:
+    model = Bart(dataclasses.replace(PRESETS[name], dropout=0.0))
+    randomize_(model)  # every weight, bias and gain random: nothing agrees by being zero
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-marian"])
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_one_token_at_a_time_with_the_caches_equals_one_forward(name: str, kind: str) -> None:
+    model = random_model(name)
+    inputs = batch(model.config)
+    src, src_mask, tgt = inputs["input_ids"], inputs["attention_mask"], inputs["decoder_input_ids"]
+    caches = new_cache(model, kind, 3, 5)
+    cached = run_encoder_decoder(model, src, src_mask, tgt, [1] * 5, caches=caches)
+    with torch.no_grad():
+        assert_close(cached, model(src, src_mask, tgt).logits)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-marian"])
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_chunked_prefill_equals_one_prefill(name: str, kind: str) -> None:
+    model = random_model(name)
+    inputs = batch(model.config)
+    src, src_mask, tgt = inputs["input_ids"], inputs["attention_mask"], inputs["decoder_input_ids"]
+    one, chunked = (
+        run_encoder_decoder(model, src, src_mask, tgt, chunks, caches=new_cache(model, kind, 3, 5))
+        for chunks in ([4, 1], [1, 3, 1])
+    )
+    assert_close(chunked, one)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-marian"])
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_left_padded_source_with_the_caches_equals_each_row_alone(name: str, kind: str) -> None:
+    """Source positions count real tokens, so left padding leaves the real ones unchanged."""
+    model = random_model(name)
+    check_left_padded_source(model, model.config.vocab_size, kind, model.config.pad_token_id)
+
+
+def test_cache_and_decoding_past_max_seq_len_are_clear_errors() -> None:
+    model = random_model("tiny")  # max_seq_len = 64
+    with pytest.raises(ValueError, match="max_len=65 exceeds the model's max_seq_len=64"):
+        model.new_caches(1, 65)
+    src, tgt = torch.randint(3, 95, (1, 5)), torch.randint(3, 95, (1, 64))
+    with torch.no_grad():
+        memory = model.encode(src)
+        for caches in (model.new_caches(), model.new_caches(1, 64)):
+            assert caches[0][1].max_len is None  # the cross-attention cache is dynamic
+            model.decode(tgt, memory, caches=caches)
+            with pytest.raises(ValueError, match="65 positions exceed max_seq_len=64"):
+                model.decode(tgt[:, :1], memory, caches=caches)
+        with pytest.raises(ValueError, match=r"decoder_attention_mask must be \(B, past \+ T\)"):
+            model.decode(tgt[:, :2], memory, decoder_attention_mask=torch.ones(1, 3).long())
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_ids_round_trip_through_the_hf_config(family: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    ids = dict(pad_token_id=5, bos_token_id=6, eos_token_id=7, decoder_start_token_id=8)
+    hf = config_to_hf(PRESETS[TINY[family]])
+    del hf["model_type"], hf["architectures"]
+    config_class = {"bart": transformers.BartConfig, "marian": transformers.MarianConfig}[family]
+    config = config_from_hf(config_class(**{**hf, **ids}).to_dict())
+    assert {k: getattr(config, k) for k in ids} == ids
+    back = config_class(**config_to_hf(config))
+    assert {k: getattr(back, k) for k in ids} == ids

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.nn import functional as F
 
+from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks import DecoderLayer, EncoderLayer
 from qkv.models.common import (
     IGNORE_INDEX,
     attention_modules,
     causal_lm_loss,
+    check_attention_mask,
     default_position_ids,
+    new_kv_caches,
+    past_length,
     shift_right,
 )
 
@@ -72,3 +77,34 @@ def test_attention_modules_in_layer_order() -> None:
     both = attention_modules(decoder)
     assert both == [self_attn[0], cross_attn[0], self_attn[1], cross_attn[1]]
     assert all(isinstance(m, MultiHeadAttention) for m in both)
+
+
+def test_new_kv_caches_dynamic_static_and_limits() -> None:
+    def make(batch_size: int, max_len: int | None) -> list[KVCache]:
+        return new_kv_caches(3, batch_size, max_len, n_kv_heads=2, head_dim=4, max_seq_len=16,
+                             dtype=torch.float64, device=torch.device("cpu"))  # fmt: skip
+
+    dynamic = make(2, None)
+    assert len(dynamic) == 3 and all(c.max_len is None for c in dynamic)
+    assert dynamic[0] is not dynamic[1]  # one cache per layer, not one shared
+    static = make(2, 16)
+    k, _ = static[0].update(torch.ones(2, 2, 5, 4), torch.ones(2, 2, 5, 4))  # (B, K, S, E)
+    assert static[0].max_len == 16 and k.shape == (2, 2, 5, 4) and k.dtype == torch.float64
+    with pytest.raises(ValueError, match="max_len=17 exceeds the model's max_seq_len=16"):
+        make(2, 17)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        make(0, 8)
+
+
+def test_past_length_and_the_mask_rule() -> None:
+    assert past_length(None, 2) == 0
+    caches = [KVCache(), KVCache()]
+    caches[0].update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4))
+    assert past_length(caches, 2) == 3
+    assert past_length([(caches[0], KVCache()), (caches[1], KVCache())], 2) == 3
+    with pytest.raises(ValueError, match="the cache has 2 entries for 4 layers"):
+        past_length(caches, 4)
+    check_attention_mask(None, 5)
+    check_attention_mask(torch.ones(2, 5), 5)
+    with pytest.raises(ValueError, match=r"decoder_attention_mask must be \(B, past \+ T\)"):
+        check_attention_mask(torch.ones(2, 4), 5, "decoder_attention_mask")

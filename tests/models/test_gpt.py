@@ -15,6 +15,13 @@ from qkv.interop import CheckpointError
 from qkv.models import gpt as gpt_module
 from qkv.models.common import default_position_ids
 from qkv.models.gpt import GPT, PRESETS, GPTConfig
+from tests.models.decoding import (
+    CACHE_KINDS,
+    assert_close,
+    check_left_padded_decoder,
+    new_cache,
+    run_decoder,
+)
 
 ATOL = 1e-4  # float32 parity with transformers (the brief's bound)
 
@@ -352,3 +359,89 @@ def test_config_is_frozen_and_keyword_only() -> None:
 def test_docstring_examples() -> None:
     result = doctest.testmod(gpt_module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoding protocol: new_cache(batch_size, max_len) and forward(..., cache=)
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_one_token_at_a_time_with_the_cache_equals_one_forward(kind: str) -> None:
+    model = GPT(PRESETS["tiny"]).eval()
+    ids = torch.randint(0, 128, (2, 10))
+    cache = new_cache(model, kind, 2, 10)
+    cached = run_decoder(model, ids, [1] * 10, cache=cache)  # (B, T, V)
+    with torch.no_grad():
+        assert_close(cached, model(ids).logits)
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_chunked_prefill_equals_one_prefill(kind: str) -> None:
+    model = GPT(PRESETS["tiny"]).eval()
+    ids = torch.randint(0, 128, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded prompt
+    one = run_decoder(
+        model, ids, [7, 1, 1], cache=new_cache(model, kind, 2, 9), attention_mask=mask
+    )
+    chunked = run_decoder(
+        model, ids, [3, 4, 1, 1], cache=new_cache(model, kind, 2, 9), attention_mask=mask
+    )
+    real = mask.bool()
+    assert_close(chunked[real], one[real])
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_left_padded_batch_with_the_cache_equals_each_row_alone(kind: str) -> None:
+    check_left_padded_decoder(GPT(PRESETS["tiny"]).eval(), 128, kind)
+
+
+def test_cache_and_decoding_past_max_seq_len_are_clear_errors() -> None:
+    model = GPT(PRESETS["tiny"]).eval()  # max_seq_len = 64
+    with pytest.raises(ValueError, match="max_len=65 exceeds the model's max_seq_len=64"):
+        model.new_cache(1, 65)
+    with pytest.raises(ValueError, match="max_len must be a positive number"):
+        model.new_cache(1, 0)
+    for cache in (model.new_cache(), model.new_cache(1, 64)):
+        with torch.no_grad():
+            model(torch.randint(0, 128, (1, 64)), cache=cache)
+            with pytest.raises(ValueError, match="65 positions exceed max_seq_len=64"):
+                model(torch.randint(0, 128, (1, 1)), cache=cache)
+    small = model.new_cache(1, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="static KV cache overflow"):
+        model(torch.randint(0, 128, (1, 5)), cache=small)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 3)), cache=cache)
+        with pytest.raises(ValueError, match=r"attention_mask must be \(B, past \+ T\)"):
+            model(torch.randint(0, 128, (1, 1)), torch.ones(1, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="the cache has 1 entries for 2 layers"):
+        model(torch.randint(0, 128, (1, 1)), cache=cache[:1])
+
+
+def test_static_cache_has_the_model_dtype_and_the_requested_room() -> None:
+    model = GPT(PRESETS["tiny"]).to(torch.float64)
+    cache = model.new_cache(3, 12)
+    assert len(cache) == 2 and cache[0].max_len == 12 and cache[0].seq_len == 0
+    kv = torch.zeros(3, 4, 1, 8, dtype=torch.float64)  # (B, H, 1, E)
+    k, _ = cache[0].update(kv, kv)
+    assert k.dtype == torch.float64 and k.shape == (3, 4, 1, 8)  # (B, H, S, E)
+
+
+def test_token_ids_round_trip_through_the_hf_config() -> None:
+    transformers = pytest.importorskip("transformers")
+    from qkv.interop.hf_gpt2 import config_from_hf, config_to_hf
+
+    hf = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                 bos_token_id=5, eos_token_id=7)  # fmt: skip
+    config = config_from_hf(hf.to_dict())
+    assert (config.bos_token_id, config.eos_token_id) == (5, 7)
+    back = transformers.GPT2Config(**config_to_hf(config))
+    assert (back.bos_token_id, back.eos_token_id) == (5, 7)
+    assert config_from_hf(config_to_hf(config)) == config
+    # transformers' defaults when the keys are absent; an explicit null stays None.
+    assert config_from_hf({}).eos_token_id == 50256 == PRESETS["gpt2"].eos_token_id
+    assert config_from_hf({"eos_token_id": None}).eos_token_id is None
+    assert config_from_hf({"eos_token_id": [50256, 3]}).eos_token_id == 50256
+    with pytest.raises(ValueError, match="eos_token_id=128 is not in the vocabulary"):
+        GPTConfig(vocab_size=128, eos_token_id=128)

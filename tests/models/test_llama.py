@@ -14,6 +14,13 @@ from qkv.interop import from_pretrained
 from qkv.interop.files import CheckpointError
 from qkv.interop.hf_llama import llama_config_from_hf
 from qkv.models.llama import PRESETS, Llama, LlamaConfig
+from tests.models.decoding import (
+    CACHE_KINDS,
+    assert_close,
+    check_left_padded_decoder,
+    new_cache,
+    run_decoder,
+)
 
 TOL = 1e-4  # float32, two implementations with differently ordered sums
 
@@ -263,3 +270,97 @@ def test_unsupported_hf_configs_are_refused() -> None:
 def test_docstring_examples() -> None:
     results = doctest.testmod(qkv.models.llama, raise_on_error=False)
     assert results.failed == 0 and results.attempted > 0
+
+
+# The decoding protocol: new_cache(batch_size, max_len) and forward(..., cache=) ---------------
+
+WINDOWS = [None, 3]  # LLaMA, and Mistral's sliding window (shorter than the sequences below)
+
+
+def _model(window: int | None) -> Llama:
+    return _scramble(Llama(dataclasses.replace(PRESETS["tiny"], sliding_window=window))).eval()
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_one_token_at_a_time_with_the_cache_equals_one_forward(
+    kind: str, window: int | None
+) -> None:
+    model, ids = _model(window), torch.randint(0, 128, (2, 10))
+    cached = run_decoder(model, ids, [1] * 10, cache=new_cache(model, kind, 2, 10))
+    with torch.no_grad():
+        assert_close(cached, model(ids).logits)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_chunked_prefill_equals_one_prefill(kind: str, window: int | None) -> None:
+    model, ids = _model(window), torch.randint(0, 128, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded prompt
+    runs = [
+        run_decoder(model, ids, chunks, cache=new_cache(model, kind, 2, 9), attention_mask=mask)
+        for chunks in ([7, 1, 1], [3, 4, 1, 1])
+    ]
+    real = mask.bool()
+    assert_close(runs[1][real], runs[0][real])
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_left_padded_batch_with_the_cache_equals_each_row_alone(
+    kind: str, window: int | None
+) -> None:
+    check_left_padded_decoder(_model(window), 128, kind)
+
+
+def test_cache_and_decoding_past_max_seq_len_are_clear_errors() -> None:
+    model = _model(None)  # max_seq_len = 64
+    with pytest.raises(ValueError, match="max_len=65 exceeds the model's max_seq_len=64"):
+        model.new_cache(1, 65)
+    for cache in (model.new_cache(), model.new_cache(1, 64)):
+        with torch.no_grad():
+            model(torch.randint(0, 128, (1, 64)), cache=cache)
+            with pytest.raises(ValueError, match="65 positions exceed max_seq_len=64"):
+                model(torch.randint(0, 128, (1, 1)), cache=cache)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"attention_mask must be \(B, past"):
+        model(torch.randint(0, 128, (1, 2)), torch.ones(1, 3, dtype=torch.long))
+
+
+def test_static_cache_holds_the_grouped_kv_heads() -> None:
+    model = _model(None).to(torch.float64)
+    cache = model.new_cache(2, 16)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (2, 5)), cache=cache)
+    keys = cache[0].keys
+    assert keys is not None and keys.dtype == torch.float64
+    assert keys.shape == (2, 2, 5, 8)  # (B, K, S, E): K = n_kv_heads = 2, not n_heads = 4
+    assert cache[0].max_len == 16
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_token_ids_round_trip_through_the_hf_config(kind: str) -> None:
+    from qkv.interop.hf_llama import llama_config_to_hf
+
+    hf_config, _ = _hf_config(kind, bos_token_id=5, eos_token_id=7)
+    config = llama_config_from_hf(hf_config.to_dict())
+    assert (config.bos_token_id, config.eos_token_id) == (5, 7)
+    back = type(hf_config)(**llama_config_to_hf(config))
+    assert (back.bos_token_id, back.eos_token_id) == (5, 7)
+    assert llama_config_from_hf(llama_config_to_hf(config)) == config
+
+
+def test_token_ids_default_to_llamas() -> None:
+    base = {
+        "model_type": "llama", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2,
+    }  # fmt: skip
+    config = llama_config_from_hf(base)  # absent: transformers' defaults, "<s>" and "</s>"
+    assert (config.bos_token_id, config.eos_token_id) == (1, 2) == (
+        PRESETS["llama2-7b"].bos_token_id, PRESETS["llama2-7b"].eos_token_id
+    )  # fmt: skip
+    several = llama_config_from_hf({**base, "bos_token_id": None, "eos_token_id": [2, 9]})
+    assert (several.bos_token_id, several.eos_token_id) == (None, 2)
+    with pytest.raises(ValueError, match="eos_token_id=10 is not in the vocabulary"):
+        dataclasses.replace(config, eos_token_id=10)

@@ -13,6 +13,13 @@ from torch.nn import functional as F
 import qkv.interop
 from qkv import masks
 from qkv.models.prefix_lm import PRESETS, PrefixLM, PrefixLMConfig
+from tests.models.decoding import (
+    CACHE_KINDS,
+    assert_close,
+    check_left_padded_decoder,
+    new_cache,
+    run_decoder,
+)
 
 ATOL = 1e-5
 TINY = PRESETS["tiny"]
@@ -178,5 +185,79 @@ def test_bad_prefix_lengths_are_named() -> None:
         model(ids, prefix_lengths=torch.tensor([2, 6]))
     with pytest.raises(ValueError, match="prefix_lengths must be an int or a"):
         model(ids, prefix_lengths=torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+    with pytest.raises(ValueError, match="65 positions exceed max_seq_len=64"):
         model(torch.zeros(1, 65, dtype=torch.long), prefix_lengths=1)
+
+
+# The decoding protocol: the prompt is the prefix, generated tokens are causal ----------------
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_prompt_then_one_token_at_a_time_equals_one_forward(kind: str) -> None:
+    """The first call with a cache reads the prompt (4 tokens) as the prefix, both ways; the
+    tokens after it, one per call, are causal: one forward with prefix_lengths=4."""
+    model, ids = tiny_model(), torch.randint(0, V, (2, 10))
+    cached = run_decoder(model, ids, [4, 1, 1, 1, 1, 1, 1], cache=new_cache(model, kind, 2, 10))
+    assert_close(cached, logits(model, ids, 4))
+    # The prefix really is read both ways: as a causal LM, the prompt's logits differ.
+    assert (logits(model, ids, 0)[:, :3] - cached[:, :3]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_chunked_prefill_equals_one_prefill(kind: str) -> None:
+    """A prompt of 7 with a prefix of 3: given in chunks of 3 and 4, or in one call of 7."""
+    model, ids = tiny_model(), torch.randint(0, V, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0  # a left-padded prompt; its prefix is 1 real token
+    runs = [
+        run_decoder(
+            model,
+            ids,
+            chunks,
+            cache=new_cache(model, kind, 2, 9),
+            attention_mask=mask,
+            prefix_lengths=3,
+        )
+        for chunks in ([7, 1, 1], [3, 4, 1, 1])
+    ]
+    real = mask.bool()
+    assert_close(runs[1][real], runs[0][real])
+    # Without prefix_lengths, the first chunk is the prefix: the same as prefix_lengths=3.
+    default = run_decoder(
+        model, ids, [3, 4, 1, 1], cache=new_cache(model, kind, 2, 9), attention_mask=mask
+    )
+    assert_close(default[real], runs[0][real])
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_left_padded_batch_with_the_cache_equals_each_row_alone(kind: str) -> None:
+    """Each row alone reads its own prompt as the prefix (prefix_lengths = its length)."""
+    check_left_padded_decoder(
+        tiny_model(), V, kind, alone_kwargs=lambda prompt_len: {"prefix_lengths": prompt_len}
+    )
+
+
+def test_cache_errors_are_clear() -> None:
+    model = tiny_model()  # max_seq_len = 64
+    with pytest.raises(ValueError, match="max_len=65 exceeds the model's max_seq_len=64"):
+        model.new_cache(1, 65)
+    for cache in (model.new_cache(), model.new_cache(1, 64)):
+        with torch.no_grad():
+            model(torch.randint(0, V, (1, 64)), cache=cache)
+            with pytest.raises(ValueError, match="65 positions exceed max_seq_len=64"):
+                model(torch.randint(0, V, (1, 1)), cache=cache)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(0, V, (2, 3)), cache=cache)
+        # A prefix cannot grow into a later call: the cached positions never saw those tokens.
+        with pytest.raises(ValueError, match=r"lengths in \[0, past=3\]"):
+            model(torch.randint(0, V, (2, 2)), cache=cache, prefix_lengths=torch.tensor([3, 4]))
+
+
+def test_token_ids_are_validated_and_saved() -> None:
+    with pytest.raises(ValueError, match="bos_token_id=64 is not in the vocabulary"):
+        dataclasses.replace(TINY, bos_token_id=64)
+    config = dataclasses.replace(TINY, bos_token_id=1, eos_token_id=2)
+    from qkv.models.base import config_from_dict, config_to_dict
+
+    assert config_from_dict(PrefixLMConfig, config_to_dict(config)) == config

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 import qkv.interop
-from qkv.attention.kv_cache import KVCache
 from qkv.interop import CheckpointError
 from qkv.interop.hf_t5 import (
     t5_config_from_hf,
@@ -18,6 +17,13 @@ from qkv.interop.hf_t5 import (
     t5_weights_to_hf,
 )
 from qkv.models.t5 import PRESETS, T5, T5Config
+from tests.models.decoding import (
+    CACHE_KINDS,
+    assert_close,
+    check_left_padded_source,
+    new_cache,
+    run_encoder_decoder,
+)
 
 ATOL = 1e-4  # float32, a whole encoder-decoder against transformers
 
@@ -241,21 +247,85 @@ def test_loss_decreases_on_a_repeated_batch() -> None:
 
 
 @pytest.mark.parametrize("kind", ["v1.0", "v1.1"])
-def test_cached_decoding_equals_full_decode(kind: str) -> None:
+def test_encode_and_decode_equal_forward(kind: str) -> None:
+    """encode -> memory (B, S, D), decode -> logits (B, T, V): forward's pieces."""
     model = T5(_qkv_config(kind)).eval()
     batch = _batch()
-    dec = batch["decoder_input_ids"][1:]  # the unpadded row
+    src, src_mask = batch["input_ids"], batch["attention_mask"]
+    dec, dec_mask = batch["decoder_input_ids"], batch["decoder_attention_mask"]
     with torch.no_grad():
-        memory = model.encode(batch["input_ids"][1:], batch["attention_mask"][1:])
-        args = (memory.last_hidden_state, batch["attention_mask"][1:])
-        full = model.decode(dec, *args).logits
-        n = len(model.decoder_layers)
-        cache, cross = [KVCache() for _ in range(n)], [KVCache() for _ in range(n)]
-        steps = [
-            model.decode(dec[:, t : t + 1], *args, cache=cache, cross_cache=cross).logits
-            for t in range(dec.shape[1])
-        ]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+        out = model(**batch)
+        memory = model.encode(src, src_mask)
+        logits = model.decode(dec, memory, attention_mask=src_mask, decoder_attention_mask=dec_mask)
+    assert isinstance(memory, Tensor) and memory.shape == (2, 11, 32)
+    torch.testing.assert_close(memory, out.encoder_last_hidden_state, atol=0, rtol=0)
+    torch.testing.assert_close(logits, out.logits, atol=0, rtol=0)
+
+
+# The decoding protocol: new_caches(batch_size, max_len) and decode(..., caches=) ---------------
+
+
+@pytest.mark.parametrize("kind", ["v1.0", "v1.1"])
+@pytest.mark.parametrize("cache", CACHE_KINDS)
+def test_one_token_at_a_time_with_the_caches_equals_one_forward(kind: str, cache: str) -> None:
+    model = T5(_qkv_config(kind)).eval()
+    batch = _batch()
+    src, src_mask, tgt = batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]
+    caches = new_cache(model, cache, 2, 9)
+    cached = run_encoder_decoder(model, src, src_mask, tgt, [1] * 9, caches=caches)
+    with torch.no_grad():
+        assert_close(cached, model(src, src_mask, tgt).logits)
+
+
+@pytest.mark.parametrize("cache", CACHE_KINDS)
+def test_chunked_prefill_equals_one_prefill(cache: str) -> None:
+    model = T5(_qkv_config("v1.1")).eval()
+    batch = _batch()
+    src, src_mask, tgt = batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]
+    one, chunked = (
+        run_encoder_decoder(model, src, src_mask, tgt, chunks, caches=new_cache(model, cache, 2, 9))
+        for chunks in ([6, 1, 1, 1], [2, 4, 1, 1, 1])
+    )
+    assert_close(chunked, one)
+
+
+@pytest.mark.parametrize("kind", ["v1.0", "v1.1"])
+@pytest.mark.parametrize("cache", CACHE_KINDS)
+def test_left_padded_source_with_the_caches_equals_each_row_alone(kind: str, cache: str) -> None:
+    check_left_padded_source(T5(_qkv_config(kind)).eval(), 96, cache, pad_id=0)
+
+
+def test_cache_errors_are_clear() -> None:
+    """T5's positions are relative: no max_seq_len, so only a static cache's room limits it."""
+    model = T5(_qkv_config("v1.0")).eval()
+    with pytest.raises(ValueError, match="max_len must be a positive number"):
+        model.new_caches(1, 0)
+    src, tgt = torch.randint(2, 96, (1, 5)), torch.randint(2, 96, (1, 4))
+    caches = model.new_caches(1, 3)
+    assert caches[0][0].max_len == 3 and caches[0][1].max_len is None  # cross: dynamic
+    with torch.no_grad():
+        memory = model.encode(src)
+        model.decode(tgt[:, :3], memory, caches=caches)
+        with pytest.raises(ValueError, match="static KV cache overflow"):
+            model.decode(tgt[:, 3:], memory, caches=caches)
+        with pytest.raises(ValueError, match=r"decoder_attention_mask must be \(B, past \+ T\)"):
+            model.decode(tgt, memory, decoder_attention_mask=torch.ones(1, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match="the cache has 1 entries for 2 layers"):
+            model.decode(tgt, memory, caches=caches[:1])
+
+
+@pytest.mark.hf
+def test_token_ids_round_trip_through_the_hf_config() -> None:
+    transformers = pytest.importorskip("transformers")
+    ids = dict(pad_token_id=3, eos_token_id=4, decoder_start_token_id=5)
+    hf = transformers.T5Config(**{**HF_COMMON, **HF_SIZES["v1.0"], **ids})
+    config = t5_config_from_hf(hf.to_dict())
+    assert (config.pad_token_id, config.eos_token_id, config.decoder_start_token_id) == (3, 4, 5)
+    back = transformers.T5Config(**t5_config_to_hf(config))
+    assert {k: getattr(back, k) for k in ids} == ids
+    # Without decoder_start_token_id (transformers 5 drops it), T5 starts from the pad token.
+    no_start = {k: v for k, v in hf.to_dict().items() if k != "decoder_start_token_id"}
+    assert t5_config_from_hf(no_start).decoder_start_token_id == 3
 
 
 def test_padding_leaves_real_positions_unchanged() -> None:

@@ -15,6 +15,13 @@ from torch.nn import functional as F
 import qkv.interop
 from qkv.models.transformer import PRESETS, Transformer, TransformerConfig
 from qkv.positional import sinusoidal_table
+from tests.models.decoding import (
+    CACHE_KINDS,
+    assert_close,
+    check_left_padded_source,
+    new_cache,
+    run_encoder_decoder,
+)
 
 ATOL = 1e-5
 TINY = PRESETS["tiny"]
@@ -264,3 +271,57 @@ def test_config_validation(overrides: dict, message: str) -> None:
 def test_decoder_inputs_are_required() -> None:
     with pytest.raises(ValueError, match="pass decoder_input_ids, or labels"):
         Transformer(TINY)(torch.randint(0, V, (1, 4)))
+
+
+# The decoding protocol: new_caches(batch_size, max_len) and decode(..., caches=) ---------------
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_one_token_at_a_time_with_the_caches_equals_one_forward(kind: str) -> None:
+    model = tiny_model()
+    src, src_mask, tgt, _ = batch()
+    cached = run_encoder_decoder(
+        model, src, src_mask, tgt, [1] * 6, caches=new_cache(model, kind, 3, 6)
+    )
+    with torch.no_grad():
+        assert_close(cached, model(src, src_mask, tgt).logits)
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_chunked_prefill_equals_one_prefill(kind: str) -> None:
+    model = tiny_model()
+    src, src_mask, tgt, _ = batch()
+    one, chunked = (
+        run_encoder_decoder(model, src, src_mask, tgt, chunks, caches=new_cache(model, kind, 3, 6))
+        for chunks in ([5, 1], [2, 3, 1])
+    )
+    assert_close(chunked, one)
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+def test_left_padded_source_with_the_caches_equals_each_row_alone(kind: str) -> None:
+    """Source positions count real tokens, so left padding leaves the real ones unchanged."""
+    check_left_padded_source(tiny_model(), V, kind, TINY.pad_token_id)
+
+
+def test_cache_and_decoding_past_max_seq_len_are_clear_errors() -> None:
+    model = tiny_model()  # max_seq_len = 64
+    with pytest.raises(ValueError, match="max_len=65 exceeds the model's max_seq_len=64"):
+        model.new_caches(1, 65)
+    src, tgt = torch.randint(3, V, (1, 5)), torch.randint(3, V, (1, 64))
+    with torch.no_grad():
+        memory = model.encode(src)
+        for caches in (model.new_caches(), model.new_caches(1, 64)):
+            model.decode(tgt, memory, caches=caches)
+            with pytest.raises(ValueError, match="65 positions exceed max_seq_len=64"):
+                model.decode(tgt[:, :1], memory, caches=caches)
+        with pytest.raises(ValueError, match="65 positions exceed max_seq_len=64"):
+            model.encode(torch.randint(3, V, (1, 65)))
+
+
+def test_token_ids_survive_save_and_load(tmp_path: Path) -> None:
+    """No Hugging Face class: qkv's own layout keeps the ids the generation defaults read."""
+    config = dataclasses.replace(TINY, pad_token_id=3, decoder_start_token_id=4, eos_token_id=5)
+    Transformer(config).save_pretrained(tmp_path)
+    loaded = qkv.interop.from_pretrained(tmp_path).config
+    assert (loaded.pad_token_id, loaded.decoder_start_token_id, loaded.eos_token_id) == (3, 4, 5)

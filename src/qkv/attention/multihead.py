@@ -207,7 +207,7 @@ class MultiHeadAttention(nn.Module):
         if self.score_bias is not None:
             extra = self.score_bias(q, s)  # broadcasts to (B, H, T, S)
             bias = extra if bias is None else bias + extra
-        if causal:
+        if causal and t > 1:  # (one new query, bottom-right aligned, sees every key: no mask)
             cm = causal_mask(t, s, device=x.device)  # (T, S)
             mask = cm if mask is None else mask & cm
         dropout_p = self.dropout if self.training else 0.0

@@ -87,6 +87,10 @@ def _make_mlp(
     return FeedForward(d_model, d_ff, activation=activation, bias=bias, dropout=dropout)
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 class EncoderLayer(nn.Module):
     """Self-attention then a feed-forward network, each in a residual branch with a norm.
 
@@ -175,7 +179,8 @@ class EncoderLayer(nn.Module):
         def attend(h: Tensor) -> Tensor:
             return self.self_attn(h, mask=mask, bias=bias, position_ids=position_ids)
 
-        pre, drop = self.norm_first, self.dropout
+        pre = self.norm_first
+        drop = self.dropout if self.training else _identity  # dropout is off at inference
         x = residual_sublayer(x, attend, self.attn_norm, drop, norm_first=pre)  # (B, T, D)
         x = residual_sublayer(x, self.mlp, self.mlp_norm, drop, norm_first=pre)  # (B, T, D)
         return x
@@ -287,7 +292,8 @@ class DecoderLayer(nn.Module):
                 position_ids=position_ids,
             )  # fmt: skip
 
-        pre, drop = self.norm_first, self.dropout
+        pre = self.norm_first
+        drop = self.dropout if self.training else _identity  # dropout is off at inference
         x = residual_sublayer(x, self_attend, self.attn_norm, drop, norm_first=pre)  # (B, T, D)
         cross_attn, cross_norm = self.cross_attn, self.cross_norm
         if cross_attn is not None and cross_norm is not None:

@@ -91,7 +91,9 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Transform each position of ``x`` (B, T, D) on its own; returns (B, T, D)."""
         h = self.act(self.up_proj(x))  # (B, T, F)
-        return self.down_proj(self.dropout(h))  # (B, T, D)
+        if self.training:  # (dropout is the identity at inference: skip the call)
+            h = self.dropout(h)
+        return self.down_proj(h)  # (B, T, D)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
@@ -142,7 +144,9 @@ class GatedFeedForward(nn.Module):
         """Transform each position of ``x`` (B, T, D) on its own; returns (B, T, D)."""
         gate = self.act(self.gate_proj(x))  # (B, T, F)
         h = gate * self.up_proj(x)  # (B, T, F), the gate scales each hidden feature
-        return self.down_proj(self.dropout(h))  # (B, T, D)
+        if self.training:  # (dropout is the identity at inference: skip the call)
+            h = self.dropout(h)
+        return self.down_proj(h)  # (B, T, D)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

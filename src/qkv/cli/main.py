@@ -7,6 +7,7 @@ import hashlib
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -65,6 +66,83 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_generation(name: str) -> tuple[Any, Any]:
+    """The model and tokenizer of a checkpoint, or a one-line error for the user."""
+    try:
+        model, tokenizer = qkv.from_pretrained(name, return_tokenizer=True)
+    except (qkv.CheckpointError, ValueError) as e:
+        raise SystemExit(f"qkv: {e}") from None
+    if not (hasattr(model, "new_cache") or hasattr(model, "new_caches")):
+        raise SystemExit(
+            f"qkv: {type(model).__name__} does not generate text; use a decoder "
+            "(GPT, LLaMA, prefix-LM) or an encoder-decoder (T5, BART, Marian, Transformer)"
+        )
+    return model, tokenizer
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.do_sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "num_beams": args.num_beams,
+        "seed": args.seed,
+    }
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt (decoders) or transform a source text (encoder-decoders)."""
+    from qkv.generate import generate, stream
+
+    text = args.prompt if args.command == "generate" else args.source
+    if not text:
+        print(f"qkv {args.command}: the input text is empty", file=sys.stderr)
+        return 2
+    model, tokenizer = _load_for_generation(args.model)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    encoding = tokenizer.encode(text)
+    input_ids = torch.tensor([encoding.ids])
+    kwargs = _generation_kwargs(args)
+    is_decoder_only = hasattr(model, "new_cache")
+    try:
+        if args.stream:
+            if args.num_beams > 1:
+                raise ValueError("--stream works with greedy decoding or sampling, not beams")
+            if is_decoder_only:
+                print(text, end="", flush=True)
+            for piece in stream(model, input_ids, tokenizer=tokenizer, **kwargs):
+                print(piece, end="", flush=True)
+            print()
+            return 0
+        out = generate(model, input_ids, **kwargs)
+    except ValueError as e:
+        print(f"qkv {args.command}: {e}", file=sys.stderr)
+        return 2
+    new = out[0, input_ids.shape[1] :] if is_decoder_only else out[0, 1:]
+    generated = tokenizer.decode(new.tolist(), skip_special_tokens=True)
+    print(text + generated if is_decoder_only else generated)
+    return 0
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or name")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkv", description="Attention and the Transformer: readable, fast, proven correct."
@@ -79,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale", type=float, default=4.0, help="score scale; higher is sharper (default 4.0)"
     )
     demo.set_defaults(func=cmd_demo)
+    gen = sub.add_parser("generate", help="continue a prompt with a decoder model")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    _add_generation_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+    translate = sub.add_parser("translate", help="transform a text with an encoder-decoder")
+    translate.add_argument("--source", required=True, help="the source text")
+    _add_generation_flags(translate)
+    translate.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -104,7 +104,17 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         activation=_ACTIVATIONS_FROM_HF[activation],
         tie_embeddings=hf.get("tie_word_embeddings", True),
+        # A missing key means transformers' default, 50256; an explicit null stays None.
+        bos_token_id=_token_id(hf.get("bos_token_id", 50256)),
+        eos_token_id=_token_id(hf.get("eos_token_id", 50256)),
     )
+
+
+def _token_id(value: Any) -> int | None:
+    """A config's token id, or None; of a list of them (several end tokens), the first."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
 
 
 def config_to_hf(config: GPTConfig) -> dict[str, Any]:
@@ -125,6 +135,8 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
         "activation_function": _ACTIVATIONS_TO_HF[config.activation],
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": 0.02,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
     }
 
 

@@ -119,7 +119,17 @@ def llama_config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         sliding_window=window,
         tie_embeddings=hf.get("tie_word_embeddings", False),
+        # A missing key means transformers' defaults, 1 and 2; an explicit null stays None.
+        bos_token_id=_token_id(hf.get("bos_token_id", 1)),
+        eos_token_id=_token_id(hf.get("eos_token_id", 2)),
     )
+
+
+def _token_id(value: Any) -> int | None:
+    """A config's token id, or None; of a list of them (several end tokens), the first."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
 
 
 def llama_config_to_hf(config: LlamaConfig) -> dict[str, Any]:
@@ -143,6 +153,8 @@ def llama_config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_embeddings,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
     }
     if mistral:
         hf["sliding_window"] = config.sliding_window

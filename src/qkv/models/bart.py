@@ -48,7 +48,15 @@ from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import recording_weights
 from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, EncoderLayer, FeedForward
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.common import IGNORE_INDEX, attention_modules, shift_right
+from qkv.models.common import (
+    IGNORE_INDEX,
+    attention_modules,
+    check_attention_mask,
+    default_position_ids,
+    new_kv_caches,
+    past_length,
+    shift_right,
+)
 from qkv.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 
 __all__ = ["PRESETS", "Bart", "BartConfig"]
@@ -216,19 +224,23 @@ class Bart(QkvModel):
         with torch.no_grad():
             self.tok_emb.weight[self.config.pad_token_id].zero_()
 
-    def _embed(self, ids: Tensor, positions: nn.Module, norm: nn.Module, past: int = 0) -> Tensor:
+    def _embed(
+        self, ids: Tensor, positions: nn.Module, norm: nn.Module, position_ids: Tensor, past: int
+    ) -> Tensor:
         if past + ids.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"{past + ids.shape[1]} positions exceed max_seq_len={self.config.max_seq_len}"
             )
-        position_ids = torch.arange(past, past + ids.shape[1], device=ids.device)  # (T,)
         x = self.tok_emb(ids) * self.embed_scale + positions(position_ids)  # (B, T, D)
         return self.emb_dropout(norm(x))  # (B, T, D)
 
     def _encoder_states(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
         """The embeddings' output and every encoder layer's output, L + 1 x (B, S, D)."""
         mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
-        x = self._embed(input_ids, self.enc_pos, self.enc_emb_norm)  # (B, S, D)
+        # Positions count real tokens, so a left-padded source reads as it would alone.
+        s, device = input_ids.shape[1], input_ids.device
+        position_ids = default_position_ids(attention_mask, s, device=device)  # (B, S) or (S,)
+        x = self._embed(input_ids, self.enc_pos, self.enc_emb_norm, position_ids, 0)  # (B, S, D)
         states = [x]
         for layer in self.encoder:
             x = layer(x, mask=mask)  # (B, S, D)
@@ -244,11 +256,14 @@ class Bart(QkvModel):
         caches: Caches | None,
     ) -> list[Tensor]:
         """The embeddings' output and every decoder layer's output, L + 1 x (B, T, D)."""
-        past = 0 if caches is None else caches[0][0].seq_len
+        t, device = decoder_input_ids.shape[1], decoder_input_ids.device
+        past = past_length(caches, len(self.decoder))  # positions go on from the cache's length
         pad, dec_pad = attention_mask, decoder_attention_mask
+        check_attention_mask(dec_pad, past + t, "decoder_attention_mask")
         memory_mask = None if pad is None else masks.padding(pad)  # (B, 1, 1, S)
         self_mask = None if dec_pad is None else masks.padding(dec_pad)  # (B, 1, 1, past + T)
-        x = self._embed(decoder_input_ids, self.dec_pos, self.dec_emb_norm, past)  # (B, T, D)
+        position_ids = torch.arange(past, past + t, device=device)  # (T,)
+        x = self._embed(decoder_input_ids, self.dec_pos, self.dec_emb_norm, position_ids, past)
         states = [x]
         for i, layer in enumerate(self.decoder):
             cache, cross_cache = (None, None) if caches is None else caches[i]
@@ -265,7 +280,8 @@ class Bart(QkvModel):
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Read the source (B, S) once: the memory (B, S, D) that every decoding step attends to.
 
-        ``attention_mask`` (B, S): 1 = real token, 0 = padding.
+        ``attention_mask`` (B, S): 1 = real token, 0 = padding, on either side (positions count
+        real tokens only).
         """
         return self._encoder_states(input_ids, attention_mask)[-1]
 
@@ -285,9 +301,11 @@ class Bart(QkvModel):
                 with ``caches``, only the new tokens of this step.
             memory: ``encode``'s output (B, S, D).
             attention_mask: the source's (B, S), 1 = real token, 0 = padding.
-            decoder_attention_mask: (B, T), or (B, past + T) with caches; 1 = real token.
+            decoder_attention_mask: (B, past + T) or None; 1 = real token. Decoder positions
+                go on from the cache's length, so decoder inputs are not left-padded.
             caches: from ``new_caches``; the new keys and values are appended (positions go on
-                from their length), and the memory's are computed once, at the first step.
+                from their length), and the memory's are computed once, at the first step (pass
+                the same ``memory`` and ``attention_mask`` at every step).
 
         Returns:
             logits (B, T, V).
@@ -297,9 +315,20 @@ class Bart(QkvModel):
         )
         return self._logits(states[-1])  # (B, T, V)
 
-    def new_caches(self) -> Caches:
-        """Empty key/value caches for ``decode``: (self-attention, cross-attention) per layer."""
-        return [(KVCache(), KVCache()) for _ in self.decoder]
+    def new_caches(self, batch_size: int = 1, max_len: int | None = None) -> Caches:
+        """Empty key/value caches for ``decode``: (self-attention, cross-attention) per layer.
+
+        ``max_len``: None for dynamic self-attention caches, else static ones with room for
+        ``max_len`` decoder positions (at most ``max_seq_len``) and ``batch_size`` rows. The
+        cross-attention caches are dynamic: ``decode`` fills them once from the memory.
+        """
+        c = self.config
+        self_caches = new_kv_caches(
+            c.n_decoder_layers, batch_size, max_len, n_kv_heads=c.n_heads,
+            head_dim=c.d_model // c.n_heads, max_seq_len=c.max_seq_len, dtype=self.dtype,
+            device=self.device,
+        )  # fmt: skip
+        return [(kv, KVCache()) for kv in self_caches]
 
     # --8<-- [start:forward]
     def forward(
@@ -334,9 +363,13 @@ class Bart(QkvModel):
             decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
         on = output_attentions
         with (
-            recording_weights(attention_modules(self.encoder), on) as enc_weights,
-            recording_weights(attention_modules(self.decoder, "self_attn"), on) as dec_weights,
-            recording_weights(attention_modules(self.decoder, "cross_attn"), on) as cross_weights,
+            recording_weights(attention_modules(self.encoder) if on else [], on) as enc_weights,
+            recording_weights(
+                attention_modules(self.decoder, "self_attn") if on else [], on
+            ) as dec_weights,
+            recording_weights(
+                attention_modules(self.decoder, "cross_attn") if on else [], on
+            ) as cross_weights,
         ):
             enc_states = self._encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
             memory = enc_states[-1]  # (B, S, D)

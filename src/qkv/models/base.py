@@ -129,6 +129,19 @@ class QkvModel(nn.Module):
 
         return save_pretrained(self, directory)
 
+    def generate(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
+    ) -> Tensor:
+        """Continue ``input_ids`` token by token (see ``qkv.generate.generate`` for the options).
+
+        Raises:
+            TypeError: this model does not generate (an encoder such as BERT or ViT).
+        """
+        # generate/ builds on models/; this method is a convenience that calls into it.
+        from qkv.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike[str], **kwargs: Any) -> QkvModel:
         """Load a checkpoint of this family (see ``qkv.from_pretrained``)."""

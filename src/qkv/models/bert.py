@@ -281,7 +281,9 @@ class Bert(QkvModel):
         h = self.emb_dropout(self.emb_norm(h + self.pos_emb(positions)))  # (B, T, D)
         mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, T)
         hidden = [h]
-        with recording_weights(attention_modules(self.layers), output_attentions) as weights:
+        with recording_weights(
+            attention_modules(self.layers) if output_attentions else [], output_attentions
+        ) as weights:
             for layer in self.layers:
                 h = layer(h, mask=mask)  # (B, T, D)
                 hidden.append(h)

@@ -1,5 +1,6 @@
 """The small pieces several model families share: label conventions, the language-model loss,
-teacher forcing's shifted inputs, default positions, and finding the attention modules.
+teacher forcing's shifted inputs, default positions, key/value caches for decoding, and finding
+the attention modules.
 
     causal LM loss   = -mean_t log softmax(logits_t)[y_{t+1}]          (GPT, LLaMA)
     decoder input    = [start, y_1, ..., y_{T-1}]                      (Transformer, T5, BART)
@@ -9,22 +10,32 @@ Each family file still reads top to bottom on its own; what lives here is the sa
 would otherwise be copied into several of them. Labels equal to ``IGNORE_INDEX`` (-100, the
 value PyTorch's ``cross_entropy`` and Hugging Face use) are left out of every loss.
 
-Shape legend: B batch · T positions · V vocabulary.
+With a key/value cache a model reads only the T new tokens, while its attention mask covers the
+cached positions too, (B, past + T); ``past_length`` and ``check_attention_mask`` hold that rule.
+
+Shape legend: B batch · T positions (the new ones, with a cache) · K key/value heads ·
+E head dim · V vocabulary.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import MultiHeadAttention
 
 __all__ = [
     "IGNORE_INDEX",
     "attention_modules",
     "causal_lm_loss",
+    "check_attention_mask",
     "default_position_ids",
+    "new_kv_caches",
+    "past_length",
     "shift_right",
 ]
 
@@ -103,6 +114,89 @@ def default_position_ids(
         return torch.arange(past, past + t, device=device)  # (T,)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
     return positions[:, -t:]  # (B, T)
+
+
+def new_kv_caches(
+    n_layers: int,
+    batch_size: int,
+    max_len: int | None,
+    *,
+    n_kv_heads: int,
+    head_dim: int,
+    max_seq_len: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[KVCache]:
+    """One empty key/value cache per layer: dynamic without ``max_len``, else static.
+
+    Args:
+        n_layers: how many caches (one per attention layer).
+        batch_size: B of the static caches (a dynamic cache takes any B).
+        max_len: None for dynamic caches that grow as needed; else the room, in positions, that
+            each static cache allocates once, (B, K, max_len, E) for keys and again for values.
+        n_kv_heads, head_dim: K and E of the attention the caches serve.
+        max_seq_len: the model's positions; a larger ``max_len`` is an error. None: no limit.
+        dtype, device: of the static caches (the model's).
+
+    Example:
+        >>> caches = new_kv_caches(2, 1, 8, n_kv_heads=2, head_dim=4, max_seq_len=16,
+        ...                        dtype=torch.float32, device=torch.device("cpu"))
+        >>> len(caches), caches[0].max_len, caches[0].seq_len
+        (2, 8, 0)
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_len is None:
+        return [KVCache() for _ in range(n_layers)]
+    if max_len < 1:
+        raise ValueError(f"max_len must be a positive number of positions (or None), got {max_len}")
+    if max_seq_len is not None and max_len > max_seq_len:
+        raise ValueError(
+            f"max_len={max_len} exceeds the model's max_seq_len={max_seq_len}: it has no positions "
+            f"beyond that, so a cache needs room for at most {max_seq_len}"
+        )
+    return [
+        KVCache.static(batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        for _ in range(n_layers)
+    ]
+
+
+def past_length(
+    cache: Sequence[KVCache] | Sequence[tuple[KVCache, KVCache]] | None, n_layers: int
+) -> int:
+    """How many positions the cache already holds (0 without a cache).
+
+    Args:
+        cache: one ``KVCache`` per layer, or one (self-attention, cross-attention) pair per
+            decoder layer; or None.
+        n_layers: the number of layers the cache must cover.
+    """
+    if cache is None:
+        return 0
+    if len(cache) != n_layers:
+        raise ValueError(
+            f"the cache has {len(cache)} entries for {n_layers} layers; make it with the model's "
+            "new_cache() / new_caches()"
+        )
+    first = cache[0]
+    return (first[0] if isinstance(first, tuple) else first).seq_len
+
+
+def check_attention_mask(
+    attention_mask: Tensor | None, length: int, name: str = "attention_mask"
+) -> None:
+    """Raise a clear error unless the mask covers ``length`` = past + T positions.
+
+    With a key/value cache the mask spans the cached positions and the new ones, (B, past + T);
+    without a cache, past = 0.
+    """
+    if attention_mask is not None and (
+        attention_mask.dim() != 2 or attention_mask.shape[-1] != length
+    ):
+        raise ValueError(
+            f"{name} must be (B, past + T) with past + T = {length} (the cached positions and "
+            f"the new ones), got shape {tuple(attention_mask.shape)}"
+        )
 
 
 def attention_modules(root: nn.Module, name: str | None = None) -> list[MultiHeadAttention]:

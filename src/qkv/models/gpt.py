@@ -46,7 +46,14 @@ from qkv.blocks.block import DecoderLayer
 from qkv.blocks.mlp import ACTIVATIONS, ActivationName
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.common import attention_modules, causal_lm_loss, default_position_ids
+from qkv.models.common import (
+    attention_modules,
+    causal_lm_loss,
+    check_attention_mask,
+    default_position_ids,
+    new_kv_caches,
+    past_length,
+)
 from qkv.positional.learned import LearnedPositionalEmbedding
 
 __all__ = ["GPT", "PRESETS", "GPTConfig"]
@@ -68,12 +75,18 @@ class GPTConfig:
     norm_eps: float = 1e-5
     activation: ActivationName = "gelu_tanh"
     tie_embeddings: bool = True  # lm_head shares its weight with tok_emb
+    bos_token_id: int | None = None  # GPT-2: 50256, "<|endoftext|>" (one token for both)
+    eos_token_id: int | None = None  # generation stops here by default
     attn_impl: str = "auto"  # see qkv.scaled_dot_product_attention
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("bos_token_id", "eos_token_id"):
+            token = getattr(self, name)
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name}={token} is not in the vocabulary [0, {self.vocab_size})")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; each head "
@@ -101,15 +114,23 @@ class GPTConfig:
         return self.d_model // self.n_heads
 
 
+def _gpt2(d_model: int, n_layers: int, n_heads: int) -> GPTConfig:
+    """A released GPT-2 size; every one ends (and begins) texts with 50256, "<|endoftext|>"."""
+    return GPTConfig(
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, bos_token_id=50256,
+        eos_token_id=50256,
+    )  # fmt: skip
+
+
 # Radford et al. 2019, Table 2 (widths, depths) and OpenAI's released checkpoints (heads,
 # vocabulary, 1024 positions, dropout 0.1). Table 2 prints 117M / 345M / 762M / 1542M; OpenAI
 # later corrected these to 124M / 355M / 774M / 1558M (the gpt-2 repository's README), and the
 # exact counts below, with the head tied, are those transformers' GPT2LMHeadModel reports.
 PRESETS: dict[str, GPTConfig] = {
-    "gpt2": GPTConfig(d_model=768, n_layers=12, n_heads=12),  # 124,439,808
-    "gpt2-medium": GPTConfig(d_model=1024, n_layers=24, n_heads=16),  # 354,823,168
-    "gpt2-large": GPTConfig(d_model=1280, n_layers=36, n_heads=20),  # 774,030,080
-    "gpt2-xl": GPTConfig(d_model=1600, n_layers=48, n_heads=25),  # 1,557,611,200
+    "gpt2": _gpt2(d_model=768, n_layers=12, n_heads=12),  # 124,439,808
+    "gpt2-medium": _gpt2(d_model=1024, n_layers=24, n_heads=16),  # 354,823,168
+    "gpt2-large": _gpt2(d_model=1280, n_layers=36, n_heads=20),  # 774,030,080
+    "gpt2-xl": _gpt2(d_model=1600, n_layers=48, n_heads=25),  # 1,557,611,200
     # For smoke tests and learning: runs in milliseconds on a CPU.
     "tiny": GPTConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
 }
@@ -188,12 +209,14 @@ class GPT(QkvModel):
         """Score every next token of ``input_ids``.
 
         Args:
-            input_ids: token ids (B, T).
-            attention_mask: (B, T), or (B, past + T) with a cache; 1 = real token, 0 = padding.
+            input_ids: token ids (B, T); with a cache, only the T new tokens.
+            attention_mask: (B, past + T), covering the cached and the new positions (past = 0
+                without a cache); 1 = real token, 0 = padding (left padding batches prompts).
             position_ids: (B, T) or (T,); default ``default_position_ids`` (counts real tokens,
                 so left padding works).
             labels: (B, T), usually ``input_ids``; shifted inside, -100 = ignored.
-            cache: one ``KVCache`` per layer for incremental decoding; extended in place.
+            cache: from ``new_cache``, one ``KVCache`` per layer; extended in place by the T new
+                positions, which attend to the cached ones (masks aligned bottom-right).
             output_hidden_states: also return the embeddings and each layer's output (the last
                 one after ``final_norm``, as transformers reports it), each (B, T, D).
             output_attentions: also return each layer's attention weights (B, H, T, S).
@@ -204,22 +227,25 @@ class GPT(QkvModel):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         t = input_ids.shape[1]
-        past = cache[0].seq_len if cache else 0
+        past = past_length(cache, len(self.layers))
         if past + t > self.config.max_seq_len:
             raise ValueError(
                 f"{past + t} positions exceed max_seq_len={self.config.max_seq_len}: GPT has "
                 "a learned embedding for that many positions only; pass a shorter input"
             )
+        check_attention_mask(attention_mask, past + t)
         mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, t, past, device=input_ids.device)
         x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, D)
         hidden: list[Tensor] = []  # the input of every layer, then the final output
-        with recording_weights(attention_modules(self.layers), output_attentions) as attentions:
+        with recording_weights(
+            attention_modules(self.layers) if output_attentions else [], output_attentions
+        ) as attentions:
             for i, layer in enumerate(self.layers):
                 if output_hidden_states:
                     hidden.append(x)
-                layer_cache = cache[i] if cache else None
+                layer_cache = None if cache is None else cache[i]
                 x = layer(x, self_mask=mask, causal=True, cache=layer_cache)  # (B, T, D)
         x = self.final_norm(x)  # (B, T, D)
         hidden.append(x)
@@ -234,6 +260,16 @@ class GPT(QkvModel):
 
     # --8<-- [end:forward]
 
-    def new_cache(self) -> list[KVCache]:
-        """An empty key/value cache, one per layer, to pass as ``cache=``."""
-        return [KVCache() for _ in self.layers]
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> list[KVCache]:
+        """An empty key/value cache, one ``KVCache`` per layer, to pass as ``cache=``.
+
+        Args:
+            batch_size: B of the static caches.
+            max_len: None for dynamic caches; else static ones with room for ``max_len``
+                positions (at most ``max_seq_len``), in the model's dtype and on its device.
+        """
+        c = self.config
+        return new_kv_caches(
+            c.n_layers, batch_size, max_len, n_kv_heads=c.n_heads, head_dim=c.head_dim,
+            max_seq_len=c.max_seq_len, dtype=self.dtype, device=self.device,
+        )  # fmt: skip

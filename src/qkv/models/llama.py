@@ -37,11 +37,19 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from qkv.attention import masks
+from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import recording_weights
 from qkv.blocks.block import DecoderLayer
 from qkv.blocks.norms import RMSNorm
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.common import attention_modules, causal_lm_loss, default_position_ids
+from qkv.models.common import (
+    attention_modules,
+    causal_lm_loss,
+    check_attention_mask,
+    default_position_ids,
+    new_kv_caches,
+    past_length,
+)
 from qkv.positional.rope import RotaryEmbedding
 
 __all__ = ["PRESETS", "Llama", "LlamaConfig"]
@@ -64,6 +72,8 @@ class LlamaConfig:
         norm_eps: RMSNorm's epsilon (1e-6 in LLaMA 1, 1e-5 in Llama 2 and Mistral).
         sliding_window: Mistral's window (each token sees this many positions); None = all.
         tie_embeddings: share one matrix between ``tok_emb`` and ``lm_head`` (LLaMA: False).
+        bos_token_id, eos_token_id: the tokens that begin and end a text (LLaMA 1 and 2 and
+            Mistral: 1 and 2, "<s>" and "</s>"); None when there is none.
         dropout: attention, hidden and residual dropout while training (LLaMA uses none).
         attn_impl: the attention backend: ``"auto"``, ``"sdpa"``, ``"reference"``, ...
     """
@@ -80,6 +90,8 @@ class LlamaConfig:
     sliding_window: int | None = None
     tie_embeddings: bool = False
     dropout: float = 0.0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2  # generation stops here by default
     attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
@@ -87,6 +99,10 @@ class LlamaConfig:
         for name in (*sizes, "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("bos_token_id", "eos_token_id"):
+            token = getattr(self, name)
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name}={token} is not in the vocabulary [0, {self.vocab_size})")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
@@ -208,21 +224,25 @@ class Llama(QkvModel):
         *,
         position_ids: Tensor | None = None,
         labels: Tensor | None = None,
+        cache: list[KVCache] | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> ModelOutput:
         """Next-token logits for every position.
 
         Args:
-            input_ids: token ids, (B, T) long.
-            attention_mask: 1 = real token, 0 = padding, (B, T); padding may sit on either side.
+            input_ids: token ids, (B, T) long; with a cache, only the T new tokens.
+            attention_mask: 1 = real token, 0 = padding, (B, past + T) covering the cached and
+                the new positions (past = 0 without a cache); padding may sit on either side.
             position_ids: positions for RoPE, (B, T) or (T,); default: the number of real tokens
-                before each one (so left-padded sequences start at 0), else 0 .. T - 1.
+                before each one (so left-padded sequences start at 0), else past .. past + T - 1.
             labels: (B, T) target ids, usually ``input_ids``; shifted inside, so position t is
                 scored on token t + 1. -100 marks positions left out of the loss.
+            cache: from ``new_cache``, one ``KVCache`` per layer; extended in place by the T new
+                positions, which attend to the cached ones (masks aligned bottom-right).
             output_hidden_states: also return the embeddings and every layer's output
                 (the last one after the final norm, as transformers does), each (B, T, D).
-            output_attentions: also return every layer's attention weights, each (B, H, T, T).
+            output_attentions: also return every layer's attention weights, each (B, H, T, S).
 
         Returns:
             ``ModelOutput`` with ``logits`` (B, T, V), ``last_hidden_state`` (B, T, D), and
@@ -230,19 +250,31 @@ class Llama(QkvModel):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        t = input_ids.shape[1]
-        mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, T)
-        if self.config.sliding_window is not None:  # Mistral: only the last W positions
-            window = masks.sliding_window(t, self.config.sliding_window, device=input_ids.device)
-            mask = window if mask is None else mask & window  # (T, T) or (B, 1, T, T)
+        t, device, c = input_ids.shape[1], input_ids.device, self.config
+        past = past_length(cache, len(self.layers))  # S = past + T keys
+        if past + t > c.max_seq_len:
+            raise ValueError(
+                f"{past + t} positions exceed max_seq_len={c.max_seq_len}, the longest sequence "
+                "this model is built for; pass a shorter input"
+            )
+        check_attention_mask(attention_mask, past + t)
+        mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
+        if c.sliding_window is not None:  # Mistral: only the last W positions
+            window = masks.sliding_window(t, c.sliding_window, past + t, device=device)  # (T, S)
+            mask = window if mask is None else mask & window  # (T, S) or (B, 1, T, S)
         if position_ids is None:  # real tokens counted, so left padding starts at 0
-            position_ids = default_position_ids(attention_mask, t, device=input_ids.device)
+            position_ids = default_position_ids(attention_mask, t, past, device=device)
 
         x = self.tok_emb(input_ids)  # (B, T, D)
         hidden_states = [x]
-        with recording_weights(attention_modules(self.layers), output_attentions) as weights:
-            for layer in self.layers:
-                x = layer(x, self_mask=mask, causal=True, position_ids=position_ids)  # (B, T, D)
+        with recording_weights(
+            attention_modules(self.layers) if output_attentions else [], output_attentions
+        ) as weights:
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else cache[i]
+                x = layer(
+                    x, self_mask=mask, causal=True, position_ids=position_ids, cache=kv
+                )  # (B, T, D)
                 hidden_states.append(x)
         x = self.final_norm(x)  # (B, T, D)
         hidden_states[-1] = x  # transformers reports the last layer's output after the norm
@@ -252,7 +284,22 @@ class Llama(QkvModel):
             loss=None if labels is None else causal_lm_loss(logits, labels),
             last_hidden_state=x,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
-            attentions=tuple(weights) if output_attentions else None,  # L x (B, H, T, T)
+            attentions=tuple(weights) if output_attentions else None,  # L x (B, H, T, S)
         )
 
     # --8<-- [end:forward]
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> list[KVCache]:
+        """An empty key/value cache, one ``KVCache`` per layer, to pass as ``cache=``.
+
+        Args:
+            batch_size: B of the static caches.
+            max_len: None for dynamic caches; else static ones with room for ``max_len``
+                positions (at most ``max_seq_len``), in the model's dtype and on its device.
+                Each holds K = ``n_kv_heads`` heads: grouped-query attention's smaller cache.
+        """
+        c = self.config
+        return new_kv_caches(
+            c.n_layers, batch_size, max_len, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+            max_seq_len=c.max_seq_len, dtype=self.dtype, device=self.device,
+        )  # fmt: skip

@@ -22,8 +22,12 @@ counts only the continuation (predicting the prefix would leak: its tokens see t
                                c   1 1 1 .      continuation: causal
                                c   1 1 1 1
 
-Shape legend: B batch · T positions · D model width · H heads · F MLP hidden width ·
-V vocabulary · L layers.
+Generating with a key/value cache, the prompt is the prefix: the first call reads it whole, in
+both directions, and every token generated after it is causal. A cached position never sees a
+later one, so the prefix must come in that first call; it cannot grow across calls.
+
+Shape legend: B batch · T new positions · S key/value positions (past + T) · D model width ·
+H heads · F MLP hidden width · V vocabulary · L layers.
 """
 
 from __future__ import annotations
@@ -34,10 +38,19 @@ import torch
 from torch import Tensor, nn
 
 from qkv.attention import masks
+from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import recording_weights
 from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, LayerNorm
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.common import IGNORE_INDEX, attention_modules, causal_lm_loss
+from qkv.models.common import (
+    IGNORE_INDEX,
+    attention_modules,
+    causal_lm_loss,
+    check_attention_mask,
+    default_position_ids,
+    new_kv_caches,
+    past_length,
+)
 from qkv.positional import LearnedPositionalEmbedding
 
 __all__ = ["PRESETS", "PrefixLM", "PrefixLMConfig", "prefix_lm_loss"]
@@ -58,12 +71,18 @@ class PrefixLMConfig:
     norm_eps: float = 1e-5
     activation: ActivationName = "relu"
     tie_embeddings: bool = True  # lm_head shares its weight with tok_emb
+    bos_token_id: int | None = None  # the tokens that begin and end a text, if the
+    eos_token_id: int | None = None  # vocabulary has them; generation stops at eos
     attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("bos_token_id", "eos_token_id"):
+            token = getattr(self, name)
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name}={token} is not in the vocabulary [0, {self.vocab_size})")
         if self.n_heads < 1 or self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -157,27 +176,48 @@ class PrefixLM(QkvModel):
             self.lm_head.weight = self.tok_emb.weight  # one (V, D) matrix, two roles
 
     def build_mask(
-        self, prefix_lengths: Tensor, t: int, attention_mask: Tensor | None = None
+        self, prefix_lengths: Tensor, t: int, attention_mask: Tensor | None = None, *, past: int = 0
     ) -> Tensor:
         """Which keys each query sees: prefix both ways, the rest causal, padding hidden.
 
         Args:
-            prefix_lengths: (B,) integers in [0, T].
-            t: T.
-            attention_mask: (B, T), 1 = real token, 0 = padding (on the right).
+            prefix_lengths: (B,) integers in [0, T], counted from the first position (left
+                padding included); with a filled cache (past > 0), at most ``past``.
+            t: T, the new positions.
+            attention_mask: (B, past + T), 1 = real token, 0 = padding.
+            past: positions already in the key/value cache; the T queries are the last of
+                S = past + T positions (bottom-right).
 
         Returns:
-            Boolean (B, 1, T, T), True = may attend.
+            Boolean (B, 1, T, S), True = may attend.
         """
-        if prefix_lengths.dim() != 1 or ((prefix_lengths < 0) | (prefix_lengths > t)).any():
+        limit, span = (past, f"past={past}") if past else (t, f"T={t}")
+        if prefix_lengths.dim() != 1 or ((prefix_lengths < 0) | (prefix_lengths > limit)).any():
             raise ValueError(
-                f"prefix_lengths must be a (B,) tensor of lengths in [0, T={t}], got "
-                f"{prefix_lengths.tolist()}"
+                f"prefix_lengths must be a (B,) tensor of lengths in [0, {span}], got "
+                f"{prefix_lengths.tolist()}; with a cache, the first call reads the whole prefix "
+                "(cached positions never see later ones)"
             )
-        mask = masks.prefix_lm(prefix_lengths, t, device=prefix_lengths.device)  # (B, 1, T, T)
+        s, device = past + t, prefix_lengths.device
+        mask = masks.prefix_lm(prefix_lengths, t, s, device=device)  # (B, 1, T, S)
         if attention_mask is not None:
-            mask = mask & masks.padding(attention_mask).to(mask.device)  # (B, 1, T, T)
+            mask = mask & masks.padding(attention_mask).to(device)  # (B, 1, T, S)
         return mask
+
+    def _prefix_lengths(
+        self, prefix_lengths: Tensor | int | None, b: int, t: int, past: int, device: torch.device
+    ) -> Tensor:
+        """(B,) prefix lengths; None: the whole input of a first call, none of a later one."""
+        if prefix_lengths is None:  # generation: the prompt is the prefix, the rest is causal
+            prefix_lengths = t if past == 0 else 0
+        prefix = torch.as_tensor(prefix_lengths, device=device)  # () or (B,)
+        prefix = prefix.expand(b) if prefix.dim() == 0 else prefix  # (B,)
+        if prefix.shape != (b,) or prefix.is_floating_point():
+            raise ValueError(
+                f"prefix_lengths must be an int or a (B,) tensor of B={b} integers, got "
+                f"{prefix.tolist()}"
+            )
+        return prefix
 
     # --8<-- [start:forward]
     def forward(
@@ -185,55 +225,79 @@ class PrefixLM(QkvModel):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         *,
-        prefix_lengths: Tensor | int,
+        prefix_lengths: Tensor | int | None = None,
+        position_ids: Tensor | None = None,
         labels: Tensor | None = None,
+        cache: list[KVCache] | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> ModelOutput:
         """Score every next token of ``input_ids``, the first ``prefix_lengths`` read both ways.
 
         Args:
-            input_ids: token ids (B, T), prefix first, padding (if any) on the right.
-            attention_mask: (B, T), 1 = real token, 0 = padding.
-            prefix_lengths: (B,) how many leading tokens of each row form its prefix (an int:
-                the same for every row).
+            input_ids: token ids (B, T), prefix first; with a cache, only the T new tokens.
+            attention_mask: (B, past + T) covering the cached and the new positions (past = 0
+                without a cache); 1 = real token, 0 = padding (right, or left for generation).
+            prefix_lengths: (B,) how many leading positions of each row form its prefix (an
+                int: the same for every row). None: all of the input when nothing is cached
+                (the prompt), none of it after (generated tokens are causal).
+            position_ids: (B, T) or (T,); default ``default_position_ids`` (counts real tokens).
             labels: (B, T), usually ``input_ids``; shifted inside like a causal LM. The model
                 itself leaves the prefix out of the loss; mark padding with -100.
+            cache: from ``new_cache``, one ``KVCache`` per layer, extended in place.
             output_hidden_states: also return the embeddings and each layer's output (the last
                 one after ``final_norm``, as transformers' GPT-2 reports it), each (B, T, D).
-            output_attentions: also return each layer's attention weights (B, H, T, T).
+            output_attentions: also return each layer's attention weights (B, H, T, S).
 
         Returns:
             ``ModelOutput`` with ``logits`` (B, T, V) and, with labels, the loss.
         """
-        b, t = input_ids.shape
-        if t > self.config.max_seq_len:
-            raise ValueError(f"T={t} exceeds max_seq_len={self.config.max_seq_len}")
-        prefix = torch.as_tensor(prefix_lengths, device=input_ids.device)  # () or (B,)
-        prefix = prefix.expand(b) if prefix.dim() == 0 else prefix  # (B,)
-        if prefix.shape != (b,) or prefix.is_floating_point():
+        (b, t), device = input_ids.shape, input_ids.device
+        past = past_length(cache, len(self.layers))  # S = past + T keys
+        if past + t > self.config.max_seq_len:
             raise ValueError(
-                f"prefix_lengths must be an int or a (B,) tensor of B={b} integers, got "
-                f"{prefix.tolist()}"
+                f"{past + t} positions exceed max_seq_len={self.config.max_seq_len}: the model "
+                "has a learned embedding for that many positions only"
             )
-        mask = self.build_mask(prefix, t, attention_mask)  # (B, 1, T, T)
-        positions = torch.arange(t, device=input_ids.device)  # (T,)
-        x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(positions))  # (B, T, D)
+        check_attention_mask(attention_mask, past + t)
+        prefix = self._prefix_lengths(prefix_lengths, b, t, past, device)  # (B,)
+        mask = self.build_mask(prefix, t, attention_mask, past=past)  # (B, 1, T, S)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, t, past, device=device)
+        x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, D)
         states = [x]
-        with recording_weights(attention_modules(self.layers), output_attentions) as weights:
-            for layer in self.layers:
+        with recording_weights(
+            attention_modules(self.layers) if output_attentions else [], output_attentions
+        ) as weights:
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else cache[i]
                 # causal=False: the prefix-LM mask already holds the causal part.
-                x = layer(x, self_mask=mask, causal=False)  # (B, T, D)
+                x = layer(x, self_mask=mask, causal=False, cache=kv)  # (B, T, D)
                 states.append(x)
         x = self.final_norm(x)  # (B, T, D)
         states[-1] = x
         logits = self.lm_head(x)  # (B, T, V)
+        in_input = (prefix - past).clamp(min=0)  # (B,) prefix positions among the T new ones
         return ModelOutput(
             logits=logits,
-            loss=None if labels is None else prefix_lm_loss(logits, labels, prefix),
+            loss=None if labels is None else prefix_lm_loss(logits, labels, in_input),
             last_hidden_state=x,
             hidden_states=tuple(states) if output_hidden_states else None,
             attentions=tuple(weights) if output_attentions else None,
         )
 
     # --8<-- [end:forward]
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> list[KVCache]:
+        """An empty key/value cache, one ``KVCache`` per layer, to pass as ``cache=``.
+
+        Args:
+            batch_size: B of the static caches.
+            max_len: None for dynamic caches; else static ones with room for ``max_len``
+                positions (at most ``max_seq_len``), in the model's dtype and on its device.
+        """
+        c = self.config
+        return new_kv_caches(
+            c.n_layers, batch_size, max_len, n_kv_heads=c.n_heads, head_dim=c.d_model // c.n_heads,
+            max_seq_len=c.max_seq_len, dtype=self.dtype, device=self.device,
+        )  # fmt: skip

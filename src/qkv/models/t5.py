@@ -27,7 +27,6 @@ H heads · E head dim (d_kv) · F MLP hidden width · V vocabulary · L layers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,7 +39,14 @@ from qkv.attention.masks import padding
 from qkv.attention.multihead import MultiHeadAttention, recording_weights
 from qkv.blocks import DecoderLayer, EncoderLayer, RMSNorm
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.common import IGNORE_INDEX, attention_modules, shift_right
+from qkv.models.common import (
+    IGNORE_INDEX,
+    attention_modules,
+    check_attention_mask,
+    new_kv_caches,
+    past_length,
+    shift_right,
+)
 from qkv.positional import T5RelativeBias
 
 __all__ = ["PRESETS", "T5", "T5Config"]
@@ -124,6 +130,8 @@ PRESETS: dict[str, T5Config] = {
 
 # --8<-- [end:config]
 
+Caches = list[tuple[KVCache, KVCache]]  # per decoder layer: (self-attention, cross-attention)
+
 
 class T5(QkvModel):
     """T5 (Raffel et al. 2020): encoder, decoder and language-model head.
@@ -195,79 +203,42 @@ class T5(QkvModel):
                 nn.init.ones_(m.weight)
 
     # --8<-- [start:encode]
-    def encode(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> ModelOutput:
-        """Run the encoder.
-
-        Args:
-            input_ids: (B, S) token ids.
-            attention_mask: (B, S), 1 = real token, 0 = padding.
-            output_hidden_states: also return the embeddings and every layer's output, the last
-                one after the final norm (as transformers does), L + 1 tensors (B, S, D).
-            output_attentions: also return every layer's attention weights (B, H, S, S).
-
-        Returns:
-            ``last_hidden_state`` (B, S, D), plus ``hidden_states`` / ``attentions`` on request.
-        """
+    def _encoder_states(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
+        """The embeddings and every encoder layer's output (the last normed), L + 1 x (B, S, D)."""
         s = input_ids.shape[1]
         mask = None if attention_mask is None else padding(attention_mask)  # (B, 1, 1, S)
         bias = self.encoder_pos_bias.bias(s, s, device=input_ids.device)  # (1, H, S, S)
         x = self.dropout(self.tok_emb(input_ids))  # (B, S, D)
-        hidden = [x]
-        with recording_weights(attention_modules(self.encoder_layers), output_attentions) as attn:
-            for layer in self.encoder_layers:
-                x = layer(x, mask=mask, bias=bias)  # (B, S, D), one bias shared by all layers
-                hidden.append(x)
-        x = self.dropout(self.encoder_norm(x))  # (B, S, D)
-        hidden[-1] = x
-        return ModelOutput(
-            last_hidden_state=x,
-            hidden_states=tuple(hidden) if output_hidden_states else None,
-            attentions=tuple(attn) if output_attentions else None,
-        )
+        states = [x]
+        for layer in self.encoder_layers:
+            x = layer(x, mask=mask, bias=bias)  # (B, S, D), one bias shared by all layers
+            states.append(x)
+        states[-1] = self.dropout(self.encoder_norm(x))  # (B, S, D)
+        return states
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Read the source (B, S) once: the memory (B, S, D) that every decoding step attends to.
+
+        ``attention_mask`` (B, S): 1 = real token, 0 = padding (on either side: T5's positions
+        are relative, so left padding changes nothing).
+        """
+        return self._encoder_states(input_ids, attention_mask)[-1]
 
     # --8<-- [end:encode]
 
     # --8<-- [start:decode]
-    def decode(
+    def _decoder_states(
         self,
         decoder_input_ids: Tensor,
-        encoder_hidden_states: Tensor,
-        attention_mask: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        *,
-        cache: Sequence[KVCache] | None = None,
-        cross_cache: Sequence[KVCache] | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> ModelOutput:
-        """Run the decoder and the language-model head on the encoder's output.
-
-        Args:
-            decoder_input_ids: (B, T) token ids; with ``cache``, only the new positions.
-            encoder_hidden_states: the encoder's ``last_hidden_state`` (B, S, D).
-            attention_mask: the encoder's (B, S), 1 = real token, 0 = padding.
-            decoder_attention_mask: (B, T), or (B, cached + T) with a cache; 1 = real token.
-            cache: one self-attention ``KVCache`` per decoder layer, extended in place.
-            cross_cache: one cross-attention ``KVCache`` per decoder layer, filled once.
-            output_hidden_states, output_attentions: as in ``encode``; cross-attention
-                weights (B, H, T, S) go to ``cross_attentions``.
-
-        Returns:
-            ``logits`` (B, T, V) and ``last_hidden_state`` (B, T, D), plus what was requested.
-        """
-        n, t = len(self.decoder_layers), decoder_input_ids.shape[1]
-        caches = [None] * n if cache is None else list(cache)
-        cross_caches = [None] * n if cross_cache is None else list(cross_cache)
-        if len(caches) != n or len(cross_caches) != n:
-            raise ValueError(f"cache and cross_cache need one KVCache per decoder layer ({n})")
-        past = 0 if cache is None else cache[0].seq_len
+        memory: Tensor,
+        attention_mask: Tensor | None,
+        decoder_attention_mask: Tensor | None,
+        caches: Caches | None,
+    ) -> list[Tensor]:
+        """The embeddings and every decoder layer's output (the last normed), L + 1 x (B, T, D)."""
+        t = decoder_input_ids.shape[1]
+        past = past_length(caches, len(self.decoder_layers))  # S_self = past + T keys
+        check_attention_mask(decoder_attention_mask, past + t, "decoder_attention_mask")
         self_mask = memory_mask = None
         if decoder_attention_mask is not None:
             self_mask = padding(decoder_attention_mask)  # (B, 1, 1, past + T)
@@ -276,30 +247,66 @@ class T5(QkvModel):
         device = decoder_input_ids.device
         bias = self.decoder_pos_bias.bias(t, past + t, device=device)  # (1, H, T, past + T)
         x = self.dropout(self.tok_emb(decoder_input_ids))  # (B, T, D)
-        hidden = [x]
-        layers, on, memory = self.decoder_layers, output_attentions, encoder_hidden_states
-        with (
-            recording_weights(attention_modules(layers, "self_attn"), on) as attn,
-            recording_weights(attention_modules(layers, "cross_attn"), on) as cross_attn,
-        ):
-            for layer, kv, cross_kv in zip(layers, caches, cross_caches, strict=True):
-                x = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask, bias=bias,
-                          cache=kv, cross_cache=cross_kv)  # (B, T, D)  # fmt: skip
-                hidden.append(x)
-        x = self.dropout(self.decoder_norm(x))  # (B, T, D)
-        hidden[-1] = x
+        states = [x]
+        for i, layer in enumerate(self.decoder_layers):
+            kv, cross_kv = (None, None) if caches is None else caches[i]
+            x = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask, bias=bias,
+                      cache=kv, cross_cache=cross_kv)  # (B, T, D)  # fmt: skip
+            states.append(x)
+        states[-1] = self.dropout(self.decoder_norm(x))  # (B, T, D)
+        return states
+
+    def _logits(self, hidden: Tensor) -> Tensor:
         # v1.0: the tied embedding rows have unit variance, so h · e grows like sqrt(D); rescale.
         scale = self.config.d_model**-0.5 if self.config.tie_embeddings else 1.0
-        logits = self.lm_head(x * scale)  # (B, T, V)
-        return ModelOutput(
-            logits=logits,
-            last_hidden_state=x,
-            hidden_states=tuple(hidden) if output_hidden_states else None,
-            attentions=tuple(attn) if on else None,
-            cross_attentions=tuple(cross_attn) if on else None,
+        return self.lm_head(hidden * scale)  # (B, T, V)
+
+    def decode(
+        self,
+        decoder_input_ids: Tensor,
+        memory: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        caches: Caches | None = None,
+    ) -> Tensor:
+        """Next-token scores for the target positions given, attending to ``memory``.
+
+        Args:
+            decoder_input_ids: (B, T) token ids, starting with ``decoder_start_token_id``; with
+                ``caches``, only the new tokens of this step.
+            memory: ``encode``'s output (B, S, D).
+            attention_mask: the source's (B, S), 1 = real token, 0 = padding.
+            decoder_attention_mask: (B, past + T) or None; 1 = real token.
+            caches: from ``new_caches``, one (self-attention, cross-attention) pair per decoder
+                layer; the new keys and values are appended, the memory's computed at the first
+                call and reused after (pass the same ``memory`` and ``attention_mask`` each time).
+
+        Returns:
+            logits (B, T, V).
+        """
+        states = self._decoder_states(
+            decoder_input_ids, memory, attention_mask, decoder_attention_mask, caches
         )
+        return self._logits(states[-1])  # (B, T, V)
 
     # --8<-- [end:decode]
+
+    def new_caches(self, batch_size: int = 1, max_len: int | None = None) -> Caches:
+        """Empty key/value caches for ``decode``: (self-attention, cross-attention) per layer.
+
+        Args:
+            batch_size: B of the static caches.
+            max_len: None for dynamic self-attention caches; else static ones with room for
+                ``max_len`` decoder positions (T5's relative positions set no upper limit). The
+                cross-attention caches are dynamic: ``decode`` fills them once from the memory.
+        """
+        c = self.config
+        self_caches = new_kv_caches(
+            c.decoder_layers, batch_size, max_len, n_kv_heads=c.n_heads, head_dim=c.d_kv,
+            max_seq_len=None, dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+        return [(kv, KVCache()) for kv in self_caches]
 
     # --8<-- [start:forward]
     def forward(
@@ -320,7 +327,11 @@ class T5(QkvModel):
             decoder_input_ids: (B, T); when None, ``shift_right(labels)`` (teacher forcing).
             decoder_attention_mask: (B, T), 1 = real token, 0 = padding.
             labels: (B, T) targets; gives ``loss``, the mean cross-entropy over labels != -100.
-            output_hidden_states, output_attentions: see ``encode`` and ``decode``.
+            output_hidden_states: also return the embeddings and every layer's output, the last
+                one after the final norm (as transformers does), L + 1 tensors each.
+            output_attentions: also return every layer's attention weights: the decoder's
+                (B, H, T, T) in ``attentions``, (B, H, T, S) in ``cross_attentions``, the
+                encoder's (B, H, S, S) in ``encoder_attentions``.
 
         Returns:
             ``ModelOutput``: logits (B, T, V), loss, the decoder's last_hidden_state,
@@ -331,24 +342,33 @@ class T5(QkvModel):
                 raise ValueError("pass decoder_input_ids, or labels to build them from")
             c = self.config
             decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
-        hidden, attentions = output_hidden_states, output_attentions
-        enc = self.encode(input_ids, attention_mask, output_hidden_states=hidden,
-                          output_attentions=attentions)  # fmt: skip
-        assert enc.last_hidden_state is not None
-        dec = self.decode(decoder_input_ids, enc.last_hidden_state, attention_mask,
-                          decoder_attention_mask, output_hidden_states=hidden,
-                          output_attentions=attentions)  # fmt: skip
-        assert dec.logits is not None
+        on, dec = output_attentions, self.decoder_layers
+        with (
+            recording_weights(
+                attention_modules(self.encoder_layers) if on else [], on
+            ) as enc_weights,
+            recording_weights(attention_modules(dec, "self_attn") if on else [], on) as dec_weights,
+            recording_weights(
+                attention_modules(dec, "cross_attn") if on else [], on
+            ) as cross_weights,
+        ):
+            enc = self._encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
+            states = self._decoder_states(decoder_input_ids, enc[-1], attention_mask,
+                                          decoder_attention_mask, None)  # fmt: skip
+        logits = self._logits(states[-1])  # (B, T, V)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(dec.logits.flatten(0, 1).float(), labels.flatten(),
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                    ignore_index=IGNORE_INDEX)  # fmt: skip
+        hidden = output_hidden_states
         return ModelOutput(
-            logits=dec.logits, loss=loss, last_hidden_state=dec.last_hidden_state,
-            hidden_states=dec.hidden_states, attentions=dec.attentions,
-            cross_attentions=dec.cross_attentions,
-            encoder_last_hidden_state=enc.last_hidden_state,
-            encoder_hidden_states=enc.hidden_states, encoder_attentions=enc.attentions,
+            logits=logits, loss=loss, last_hidden_state=states[-1],
+            hidden_states=tuple(states) if hidden else None,
+            attentions=tuple(dec_weights) if on else None,
+            cross_attentions=tuple(cross_weights) if on else None,
+            encoder_last_hidden_state=enc[-1],
+            encoder_hidden_states=tuple(enc) if hidden else None,
+            encoder_attentions=tuple(enc_weights) if on else None,
         )  # fmt: skip
 
     # --8<-- [end:forward]

@@ -36,7 +36,15 @@ from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import recording_weights
 from qkv.blocks import DecoderLayer, EncoderLayer
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.common import IGNORE_INDEX, attention_modules, shift_right
+from qkv.models.common import (
+    IGNORE_INDEX,
+    attention_modules,
+    check_attention_mask,
+    default_position_ids,
+    new_kv_caches,
+    past_length,
+    shift_right,
+)
 from qkv.positional import SinusoidalPositionalEncoding
 
 __all__ = ["PRESETS", "Transformer", "TransformerConfig"]
@@ -169,16 +177,23 @@ class Transformer(QkvModel):
         if c.tie_output:
             self.lm_head.weight = self.tgt_emb.weight  # one (V, D) matrix, two roles
 
-    def _embed(self, emb: nn.Embedding, ids: Tensor, start: int = 0) -> Tensor:
-        """Token embeddings times sqrt(D), plus the positions start .. start + T - 1."""
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)  # (T,)
+    def _embed(self, emb: nn.Embedding, ids: Tensor, positions: Tensor, past: int = 0) -> Tensor:
+        """Token embeddings times sqrt(D), plus the encodings of ``positions`` (T,) or (B, T)."""
+        if past + ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"{past + ids.shape[1]} positions exceed max_seq_len={self.config.max_seq_len}, "
+                "the rows of the sinusoidal table; raise max_seq_len or pass a shorter input"
+            )
         x = emb(ids) * math.sqrt(self.config.d_model)  # (B, T, D)
         return self.dropout(x + self.pos_enc(positions).to(x.dtype))  # (B, T, D)
 
     def _encoder_states(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
         """The embedded source and every encoder layer's output, each (B, S, D)."""
         keep = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
-        x = self._embed(self.src_emb, input_ids)  # (B, S, D)
+        # Positions count real tokens, so a left-padded source reads as it would alone.
+        s, device = input_ids.shape[1], input_ids.device
+        positions = default_position_ids(attention_mask, s, device=device)  # (B, S) or (S,)
+        x = self._embed(self.src_emb, input_ids, positions)  # (B, S, D)
         states = [x]
         for layer in self.encoder:
             x = layer(x, mask=keep)  # (B, S, D)
@@ -194,12 +209,15 @@ class Transformer(QkvModel):
         caches: Caches | None,
     ) -> list[Tensor]:
         """The embedded target and every decoder layer's output, each (B, T, D)."""
-        past = 0 if caches is None else caches[0][0].seq_len
+        t, device = decoder_input_ids.shape[1], decoder_input_ids.device
+        past = past_length(caches, len(self.decoder))  # positions go on from the cache's length
+        check_attention_mask(decoder_attention_mask, past + t, "decoder_attention_mask")
         memory_keep = None if attention_mask is None else masks.padding(attention_mask)
         self_keep = None  # padding of the target, (B, 1, 1, past + T); causal is added below
         if decoder_attention_mask is not None:
             self_keep = masks.padding(decoder_attention_mask)
-        x = self._embed(self.tgt_emb, decoder_input_ids, past)  # (B, T, D)
+        positions = torch.arange(past, past + t, device=device)  # (T,)
+        x = self._embed(self.tgt_emb, decoder_input_ids, positions, past)  # (B, T, D)
         states = [x]
         for i, layer in enumerate(self.decoder):
             cache, cross_cache = caches[i] if caches is not None else (None, None)
@@ -213,7 +231,8 @@ class Transformer(QkvModel):
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Read the source tokens (B, S) once: the memory (B, S, D) every step attends to.
 
-        ``attention_mask`` (B, S): 1 = real token, 0 = padding.
+        ``attention_mask`` (B, S): 1 = real token, 0 = padding, on either side (positions count
+        real tokens only).
         """
         return self._encoder_states(input_ids, attention_mask)[-1]
 
@@ -233,9 +252,11 @@ class Transformer(QkvModel):
                 with ``caches``, only the new tokens of this step.
             memory: ``encode``'s output (B, S, D).
             attention_mask: the source's (B, S), 1 = real token, 0 = padding.
-            decoder_attention_mask: (B, T), or (B, past + T) with caches; 1 = real token.
+            decoder_attention_mask: (B, past + T) or None; 1 = real token. Decoder positions
+                go on from the cache's length, so decoder inputs are not left-padded.
             caches: from ``new_caches``; the new keys and values are appended, and the
-                memory's keys and values are computed once, at the first step.
+                memory's keys and values are computed once, at the first step (pass the same
+                ``memory`` and ``attention_mask`` at every step).
 
         Returns:
             logits (B, T, V).
@@ -245,9 +266,20 @@ class Transformer(QkvModel):
         )
         return self.lm_head(states[-1])  # (B, T, V)
 
-    def new_caches(self) -> Caches:
-        """Empty key/value caches for ``decode``: (self-attention, cross-attention) per layer."""
-        return [(KVCache(), KVCache()) for _ in self.decoder]
+    def new_caches(self, batch_size: int = 1, max_len: int | None = None) -> Caches:
+        """Empty key/value caches for ``decode``: (self-attention, cross-attention) per layer.
+
+        ``max_len``: None for dynamic self-attention caches, else static ones with room for
+        ``max_len`` decoder positions (at most ``max_seq_len``) and ``batch_size`` rows. The
+        cross-attention caches are dynamic: ``decode`` fills them once from the memory.
+        """
+        c = self.config
+        self_caches = new_kv_caches(
+            c.n_decoder_layers, batch_size, max_len, n_kv_heads=c.n_heads,
+            head_dim=c.d_model // c.n_heads, max_seq_len=c.max_seq_len, dtype=self.dtype,
+            device=self.device,
+        )  # fmt: skip
+        return [(kv, KVCache()) for kv in self_caches]
 
     def shift_right(self, labels: Tensor) -> Tensor:
         """Teacher forcing's inputs: ``decoder_start_token_id``, then labels[:, :-1] (B, T).
@@ -291,9 +323,13 @@ class Transformer(QkvModel):
             decoder_input_ids = self.shift_right(labels)
         on = output_attentions
         with (
-            recording_weights(attention_modules(self.encoder), on) as enc_weights,
-            recording_weights(attention_modules(self.decoder, "self_attn"), on) as dec_weights,
-            recording_weights(attention_modules(self.decoder, "cross_attn"), on) as cross_weights,
+            recording_weights(attention_modules(self.encoder) if on else [], on) as enc_weights,
+            recording_weights(
+                attention_modules(self.decoder, "self_attn") if on else [], on
+            ) as dec_weights,
+            recording_weights(
+                attention_modules(self.decoder, "cross_attn") if on else [], on
+            ) as cross_weights,
         ):
             enc = self._encoder_states(input_ids, attention_mask)
             states = self._decoder_states(

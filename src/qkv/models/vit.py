@@ -226,7 +226,9 @@ class ViT(QkvModel):
         """
         x = self.dropout(self.embed(pixel_values))  # (B, T, D)
         states = [x]
-        with recording_weights(attention_modules(self.layers), output_attentions) as weights:
+        with recording_weights(
+            attention_modules(self.layers) if output_attentions else [], output_attentions
+        ) as weights:
             for layer in self.layers:
                 x = layer(x)  # (B, T, D)
                 states.append(x)
