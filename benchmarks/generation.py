@@ -20,10 +20,14 @@ import torch
 
 import qkv
 
+# The small model has a character-level vocabulary (256), like the main job's model; GPT-2 small
+# keeps GPT-2's 50257 tokens.
 SIZES = {
-    "small (L=4, H=4, d=128)": {"n_layer": 4, "n_head": 4, "n_embd": 128},
-    "gpt2-small (L=12, H=12, d=768)": {"n_layer": 12, "n_head": 12, "n_embd": 768},
-}
+    "small (L=4, H=4, d=128, V=256)": {"n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 256},
+    "gpt2-small (L=12, H=12, d=768)": {
+        "n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257,
+    },
+}  # fmt: skip
 
 
 def best_of(fn: Callable[[], object], repeat: int) -> float:
@@ -42,11 +46,12 @@ def measure(name: str, size: dict[str, int], args: argparse.Namespace) -> None:
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **size)).eval()
+    config = GPT2Config(n_positions=1024, bos_token_id=None, eos_token_id=None, **size)
+    hf = GPT2LMHeadModel(config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = qkv.from_pretrained(tmp)
-    prompt = torch.randint(0, 50257, (1, args.prompt_len))
+    prompt = torch.randint(0, size["vocab_size"], (1, args.prompt_len))
     mask = torch.ones_like(prompt)
     n = args.new_tokens
 

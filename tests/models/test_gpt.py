@@ -445,3 +445,14 @@ def test_token_ids_round_trip_through_the_hf_config() -> None:
     assert config_from_hf({"eos_token_id": [50256, 3]}).eos_token_id == 50256
     with pytest.raises(ValueError, match="eos_token_id=128 is not in the vocabulary"):
         GPTConfig(vocab_size=128, eos_token_id=128)
+
+
+def test_token_ids_outside_a_small_vocabulary_are_ignored(tmp_path) -> None:
+    """transformers keeps GPT-2's default ids (50256) even for a 64-token model; qkv reads None."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    )
+    hf.save_pretrained(tmp_path)
+    model = qkv.interop.from_pretrained(tmp_path)
+    assert model.config.bos_token_id is None and model.config.eos_token_id is None

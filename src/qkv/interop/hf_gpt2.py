@@ -105,15 +105,22 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         activation=_ACTIVATIONS_FROM_HF[activation],
         tie_embeddings=hf.get("tie_word_embeddings", True),
         # A missing key means transformers' default, 50256; an explicit null stays None.
-        bos_token_id=_token_id(hf.get("bos_token_id", 50256)),
-        eos_token_id=_token_id(hf.get("eos_token_id", 50256)),
+        bos_token_id=_token_id(hf.get("bos_token_id", 50256), hf.get("vocab_size", 50257)),
+        eos_token_id=_token_id(hf.get("eos_token_id", 50256), hf.get("vocab_size", 50257)),
     )
 
 
-def _token_id(value: Any) -> int | None:
-    """A config's token id, or None; of a list of them (several end tokens), the first."""
+def _token_id(value: Any, vocab_size: int) -> int | None:
+    """A config's token id, or None; of a list of them (several end tokens), the first.
+
+    transformers only warns about an id outside the vocabulary (GPT-2's default 50256 in a small
+    model); such an id names no token, so it is read as None, with a warning.
+    """
     if isinstance(value, list):
-        return value[0] if value else None
+        value = value[0] if value else None
+    if value is not None and not 0 <= value < vocab_size:
+        logger.warning("GPT-2 config: token id %s is outside the vocabulary; ignoring it", value)
+        return None
     return value
 
 
