@@ -11,7 +11,10 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qkv-installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean browser
+
+# The explorer tests drive Debian's chromium through Playwright (no browser download).
+CHROMIUM ?= /usr/bin/chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,15 +25,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: a small GPT trained for 3 minutes on Python's documentation (see README).
 demo: $(STAMP)
-	$(BIN)/qkv demo
+	$(BIN)/qkv train --preset gpt-char
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/figures
+	$(BIN)/ruff format --check src tests benchmarks docs/figures
 	$(BIN)/mypy
 
-test: lint
+browser:
+	test -x $(CHROMIUM) || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: lint browser
 	$(BIN)/python -m pytest -n 2 --doctest-modules src/qkv tests
 
 clean:

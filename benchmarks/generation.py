@@ -2,10 +2,15 @@
 
 Batch 1, greedy, a 16-token prompt and 256 new tokens (EOS never stops it early). For each model
 size, random weights are built in transformers, saved, and loaded into qkv through its interop,
-so both libraries run the very same network; the table shows tokens per second, time to first
-token, and the speed-up, with transformers as the baseline in the same run.
+so both libraries run the very same network, in float32 and again in bfloat16 (both libraries
+in the same dtype on each row). The table shows tokens per second, time to first token, the
+speed-up with transformers as the baseline in the same run, and the weight bandwidth that rate
+implies (every weight is read once per token: bytes of weights x tokens/s). The two libraries
+take turns within each repeat, so a load spike on a shared machine hits both.
 
     python benchmarks/generation.py [--new-tokens 256] [--repeat 3] [--threads N]
+                                    [--dtypes float32,bfloat16] [--clock wall|cpu]
+    python benchmarks/generation.py --layouts    (matrix-vector kernels per weight layout)
 """
 
 from __future__ import annotations
@@ -30,18 +35,24 @@ SIZES = {
 }  # fmt: skip
 
 
-def best_of(fn: Callable[[], object], repeat: int) -> float:
-    """Fastest wall-clock seconds of ``fn()`` over ``repeat`` runs, after one warm-up."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], object], clock: str) -> float:
+    """Seconds of one call of ``fn()`` on ``clock``: wall time, or this process's CPU time
+    (with one thread, the time it actually ran: robust to other jobs on a shared machine)."""
+    now = CLOCKS[clock]
+    start = now()
     fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return now() - start
 
 
-def measure(name: str, size: dict[str, int], args: argparse.Namespace) -> None:
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a decoding step reads: every parameter once (tied ones once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def measure(name: str, size: dict[str, int], dtype: torch.dtype, args: argparse.Namespace) -> None:
     """Build one size in transformers, load it into qkv, time both, print two rows."""
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
@@ -51,6 +62,7 @@ def measure(name: str, size: dict[str, int], args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = qkv.from_pretrained(tmp)
+    hf, ours = hf.to(dtype), ours.to(dtype)
     prompt = torch.randint(0, size["vocab_size"], (1, args.prompt_len))
     mask = torch.ones_like(prompt)
     n = args.new_tokens
@@ -67,16 +79,59 @@ def measure(name: str, size: dict[str, int], args: argparse.Namespace) -> None:
     def run_qkv(k: int) -> torch.Tensor:
         return ours.generate(prompt, mask, max_new_tokens=k, eos_token_id=[])  # no early end
 
-    same = torch.equal(run_hf(32), run_qkv(32))
-    rows = {}
-    for library, run in (("transformers", run_hf), ("qkv", run_qkv)):
-        total = best_of(lambda run=run: run(n), args.repeat)
-        first = best_of(lambda run=run: run(1), args.repeat)
-        rows[library] = (n / total, first * 1e3)
-    base = rows["transformers"][0]
-    for library, (tps, ttft) in rows.items():
-        print(f"{name:<32} {library:<13} {tps:>9.1f} {ttft:>15.1f} {tps / base:>8.2f}x")
+    same = torch.equal(run_hf(32), run_qkv(32))  # also the warm-up
+    runs = {"transformers": run_hf, "qkv": run_qkv}
+    totals: dict[str, list[float]] = {library: [] for library in runs}
+    firsts: dict[str, list[float]] = {library: [] for library in runs}
+    for _ in range(args.repeat):  # the libraries take turns: a load spike hits both
+        for library, run in runs.items():
+            totals[library].append(timed(lambda run=run: run(n), args.clock))
+            firsts[library].append(timed(lambda run=run: run(1), args.clock))
+    nbytes = weight_bytes(ours)
+    base = n / min(totals["transformers"])
+    for library in runs:
+        tps, ttft = n / min(totals[library]), min(firsts[library]) * 1e3
+        print(
+            f"{name:<32} {str(dtype)[6:]:<9} {library:<13} {tps:>9.1f} {ttft:>15.1f} "
+            f"{tps / base:>8.2f}x {nbytes * tps / 1e9:>8.1f}"
+        )
     print(f"{'':<32} same greedy ids for 32 tokens: {same}")
+
+
+def layouts(args: argparse.Namespace) -> None:
+    """GB/s at which one token's matrix-vector products read GPT-2 small's weights, per layout.
+
+    ``F.linear`` reads W as stored by ``nn.Linear``, (out, in); ``torch.mm`` with a transposed
+    contiguous copy reads it as (in, out), the layout of transformers' GPT-2 ``Conv1D``. A plain
+    sum over as many bytes gives the memory bandwidth one core can draw, the ceiling for both.
+    """
+    shapes = {"q/k/v fused": (2304, 768), "out_proj": (768, 768), "mlp up": (3072, 768),
+              "mlp down": (768, 3072), "lm_head": (50257, 768)}  # fmt: skip
+    print(f"\nmatrix-vector kernels, float32, {args.threads} threads, {args.clock} clock")
+    print(f"{'weight (out, in)':<26} {'(out, in) GB/s':>15} {'(in, out) GB/s':>15}")
+    with torch.inference_mode():
+        for name, (n_out, n_in) in shapes.items():
+            copies = max(2, 200_000_000 // (n_out * n_in * 4))  # > the 32 MB cache in all
+            weights = [torch.randn(n_out, n_in) for _ in range(copies)]
+            transposed = [w.t().contiguous() for w in weights]
+            x = torch.randn(1, n_in)
+            nbytes = copies * n_out * n_in * 4
+            rates = []
+            for op, mats in ((torch.nn.functional.linear, weights), (torch.mm, transposed)):
+
+                def chain(
+                    op: Callable[..., torch.Tensor] = op, mats: list = mats, x: torch.Tensor = x
+                ) -> None:
+                    for w in mats:
+                        op(x, w)
+
+                chain()
+                rates.append(nbytes / min(timed(chain, args.clock) for _ in range(5)) / 1e9)
+            print(f"{name + f' {n_out}x{n_in}':<26} {rates[0]:>15.1f} {rates[1]:>15.1f}")
+        flat = torch.randn(100_000_000)  # 400 MB
+        flat.sum()
+        rate = 4e8 / min(timed(flat.sum, args.clock) for _ in range(5)) / 1e9
+        print(f"{'streaming read (sum)':<26} {rate:>15.1f}")
 
 
 def main() -> None:
@@ -85,21 +140,38 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall",
+        help="cpu: process CPU time, for a shared machine (use with --threads 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layouts", action="store_true", help="only time the matrix-vector kernels per layout"
+    )
     args = parser.parse_args()
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     torch.set_num_threads(args.threads)
 
     import transformers
 
     print(
         f"qkv {qkv.__version__}, transformers {transformers.__version__}, torch "
-        f"{torch.__version__}, {platform.machine()}, {args.threads} threads, float32, batch 1, "
-        f"greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeat}"
+        f"{torch.__version__}, {platform.machine()}, {args.threads} threads, batch 1, "
+        f"greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeat}, "
+        f"{args.clock} clock"
     )
-    header = f"{'model':<32} {'library':<13} {'tokens/s':>9} {'first token ms':>15} {'speed-up':>9}"
+    if args.layouts:
+        layouts(args)
+        return
+    header = (
+        f"{'model':<32} {'dtype':<9} {'library':<13} {'tokens/s':>9} {'first token ms':>15} "
+        f"{'speed-up':>9} {'GB/s':>8}"
+    )
     print(header)
     print("-" * len(header))
     for name, size in SIZES.items():
-        measure(name, size, args)
+        for dtype in dtypes:
+            measure(name, size, dtype, args)
 
 
 if __name__ == "__main__":

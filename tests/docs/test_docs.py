@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import linecache
+import os
 import re
 import shlex
 import subprocess
@@ -115,18 +116,25 @@ def section_lines(path: Path, section: str) -> list[str]:
     return [x for x in lines[starts[0] + 1 : ends[0]] if "--8<--" not in x]
 
 
-def qkv_commands() -> list[tuple[str, str]]:
-    """(where, command) for every ``qkv ...`` line of a ```bash fence, each command once."""
-    seen: dict[str, str] = {}
+def qkv_commands() -> list[tuple[str, tuple[str, ...]]]:
+    """(where, commands) for every ```bash fence holding ``qkv ...`` lines, in page order.
+
+    The commands of one fence run in order, in one fresh working directory: a later command may
+    use what an earlier one wrote (``qkv train ... --out run`` then ``qkv sample run``).
+    """
+    found: list[tuple[str, tuple[str, ...]]] = []
     for page in PAGES:
         for fence in fences(page):
             if fence.lang not in ("bash", "sh", "shell", "console"):
                 continue
-            for offset, line in enumerate(fence.code.splitlines(), start=1):
-                command = line.strip()
-                if command == "qkv" or command.startswith("qkv "):
-                    seen.setdefault(command, f"{rel(page)}:{fence.line + offset}")
-    return [(where, command) for command, where in seen.items()]
+            commands = tuple(
+                line.strip()
+                for line in fence.code.splitlines()
+                if line.strip() == "qkv" or line.strip().startswith("qkv ")
+            )
+            if commands:
+                found.append((f"{rel(page)}:{fence.line}", commands))
+    return found
 
 
 def test_docs_exist() -> None:
@@ -182,20 +190,23 @@ def test_snippet_targets_exist(where: str, path: str, section: str | None) -> No
         assert any(x.strip() for x in body), f"{where}: section {section!r} of {path} is empty"
 
 
-@pytest.mark.parametrize(("where", "command"), qkv_commands(), ids=[c for _, c in qkv_commands()])
-def test_cli_commands_run(where: str, command: str) -> None:
-    args = shlex.split(command)[1:]
-    result = subprocess.run(
-        [sys.executable, "-m", "qkv", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, (
-        f"{where}: `{command}` exited with {result.returncode}\n{result.stdout}\n{result.stderr}"
-    )
-    assert result.stdout.strip(), f"{where}: `{command}` printed nothing"
+@pytest.mark.parametrize(("where", "commands"), qkv_commands(), ids=[w for w, _ in qkv_commands()])
+def test_cli_commands_run(where: str, commands: tuple[str, ...], tmp_path: Path) -> None:
+    for command in commands:
+        args = shlex.split(command)[1:]
+        result = subprocess.run(
+            [sys.executable, "-m", "qkv", *args],
+            cwd=tmp_path,  # what a command writes stays out of the repository
+            # One thread: the suite runs two workers on two cores, and oversubscribed OpenMP
+            # threads slow a training command down tenfold.
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        output = f"{result.stdout}\n{result.stderr}"
+        assert result.returncode == 0, f"{where}: `{command}` exited {result.returncode}\n{output}"
+        assert result.stdout.strip(), f"{where}: `{command}` printed nothing"
 
 
 def _visible_text(page_html: str) -> str:

@@ -189,3 +189,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     assert not list(tmp_path.glob(TMP_PREFIX + "*"))
     (tmp_path / (TMP_PREFIX + "stale")).write_text("left by a killed process")
     assert [p.name for p in sweep_stale_temporaries(tmp_path)] == [TMP_PREFIX + "stale"]
+
+
+def test_atomic_write_gives_files_the_usual_permissions(tmp_path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "shared.txt", "hello")
+    finally:
+        os.umask(mask)
+    assert path.read_text() == "hello"
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600

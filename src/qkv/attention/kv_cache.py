@@ -6,7 +6,11 @@ for the new token only, appends k and v, and attends over the whole cache. Each 
 O(S) instead of re-running O(S^2) attention over the full prefix.
 
 Two layouts:
-    * dynamic (default): the cache grows by concatenation; simple, any length.
+    * dynamic (default): the cache grows as needed, any length. It appends in place into
+      storage with room to spare (at most twice the positions it holds), and moves to storage
+      twice as large when that is full, so most steps allocate nothing. (The plain way,
+      ``torch.cat`` at every step, copies the whole cache every time: the same keys and
+      values, more work; the tests compare the two.)
     * static (``KVCache.static``): memory for ``max_len`` positions is allocated once and filled
       in place, so shapes stay fixed; writing past the end is a clear error.
 
@@ -41,6 +45,7 @@ class KVCache:
         self._v: Tensor | None = None
         self._len = 0
         self._static = False
+        self._owned = True  # False while _k, _v are the caller's tensors (never written into)
         self.cross = False  # True once it holds a cross-attention's (encoder's) keys and values
 
     @classmethod
@@ -92,34 +97,37 @@ class KVCache:
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append new keys and values (B, K, T, E) and return all of them (B, K, S + T, E)."""
         t = k.shape[-2]
-        if self._static:
-            assert self._k is not None and self._v is not None
-            if self._len + t > self._k.shape[-2]:
+        if not self._static and (self._k is None or self._v is None or self._len == 0):
+            self._k, self._v, self._owned = k, v, False  # kept as given: a cross cache stops here
+            self._len = t
+            return k, v
+        assert self._k is not None and self._v is not None
+        if k.shape[:-2] != self._k.shape[:-2] or k.shape[-1] != self._k.shape[-1]:
+            raise ValueError(
+                f"keys of shape {tuple(k.shape)} do not fit the cached keys of shape "
+                f"{tuple(self._k.shape)} (B, K, S, E) in batch, heads or head size"
+            )
+        if self._len + t > self._k.shape[-2] or not self._owned:
+            if self._static:
                 raise ValueError(
                     f"static KV cache overflow: it holds {self._len} of {self._k.shape[-2]} "
                     f"positions and {t} more were given; allocate a larger max_len"
                 )
-            if k.shape[:-2] != self._k.shape[:-2] or k.shape[-1] != self._k.shape[-1]:
-                raise ValueError(
-                    f"keys of shape {tuple(k.shape)} do not fit a static cache of shape "
-                    f"{tuple(self._k.shape)} (B, K, S_max, E)"
-                )
-            self._k[..., self._len : self._len + t, :] = k
-            self._v[..., self._len : self._len + t, :] = v
-            self._len += t
-            return self._k[..., : self._len, :], self._v[..., : self._len, :]
-        if self._k is None or self._v is None or self._len == 0:
-            self._k, self._v = k, v
-        else:
-            if k.shape[:-2] != self._k.shape[:-2]:
-                raise ValueError(
-                    f"new keys {tuple(k.shape)} do not match cached keys {tuple(self._k.shape)} "
-                    "in batch or heads"
-                )
-            self._k = torch.cat([self._k, k], dim=-2)  # (B, K, S + T, E)
-            self._v = torch.cat([self._v, v], dim=-2)  # (B, K, S + T, Ev)
+            # Dynamic and full: move to storage for twice the new length, so that appending
+            # n tokens one by one copies the cache O(log n) times, not n times.
+            room = 2 * (self._len + t)
+            self._k, self._v = self._moved(self._k, room), self._moved(self._v, room)
+            self._owned = True
+        self._k[..., self._len : self._len + t, :] = k  # written in place: no new tensor
+        self._v[..., self._len : self._len + t, :] = v
         self._len += t
-        return self._k, self._v
+        return self._k[..., : self._len, :], self._v[..., : self._len, :]  # (B, K, S + T, E)
+
+    def _moved(self, x: Tensor, room: int) -> Tensor:
+        """The first ``seq_len`` positions of ``x`` in new storage for ``room`` positions."""
+        storage = x.new_empty(*x.shape[:-2], room, x.shape[-1])  # (B, K, room, E)
+        storage[..., : self._len, :] = x[..., : self._len, :]
+        return storage
 
     # --8<-- [end:update]
 
@@ -127,15 +135,14 @@ class KVCache:
         """Forget every position from ``length`` on (to rewind, e.g. after a rejected draft)."""
         if not 0 <= length <= self._len:
             raise ValueError(f"cannot crop a cache of {self._len} positions to {length}")
-        if not self._static and self._k is not None and self._v is not None:
-            self._k, self._v = self._k[..., :length, :], self._v[..., :length, :]
-        self._len = length
+        self._len = length  # the positions from ``length`` on are overwritten by later updates
 
     def reorder(self, index: Tensor) -> None:
         """Keep the batch rows ``index`` (B',), e.g. the surviving hypotheses of a beam search."""
         if self._k is not None and self._v is not None:
             self._k = self._k.index_select(0, index)
             self._v = self._v.index_select(0, index)
+            self._owned = True  # new tensors of our own
 
     def reset(self) -> None:
         """Empty the cache (a static one keeps its memory)."""

@@ -38,7 +38,13 @@ from qkv.attention.core import reference_attention, scaled_dot_product_attention
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.masks import causal as causal_mask
 
-__all__ = ["MultiHeadAttention", "QKRotation", "ScoreBias", "recording_weights"]
+__all__ = [
+    "MultiHeadAttention",
+    "QKRotation",
+    "ScoreBias",
+    "fused_projections",
+    "recording_weights",
+]
 
 
 class QKRotation(Protocol):
@@ -138,6 +144,19 @@ class MultiHeadAttention(nn.Module):
         self.score_bias = score_bias
         self.capture_weights = False
         self.last_weights: Tensor | None = None
+        self.fuse_projections = False  # set by fused_projections (generation)
+        # (parameter key, [W_Q W_K W_V]^T, their biases, W_O^T, its bias): see _fused_weights;
+        # not in the state_dict.
+        self._fused: (
+            tuple[tuple[tuple[int, int, torch.dtype], ...], Tensor, Tensor | None, Tensor,
+                  Tensor | None] | None
+        )  # fmt: skip
+        self._fused = None
+        # With capture_values too, the capture also keeps v and the heads' fast output, so that
+        # qkv.viz.capture can check weights @ v == output.
+        self.capture_values = False
+        self.last_values: Tensor | None = None  # (B, K, S, E)
+        self.last_output: Tensor | None = None  # (B, H, T, E)
 
     # --8<-- [start:split_heads]
     def _split_heads(self, x: Tensor, n: int) -> Tensor:
@@ -145,6 +164,90 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, t, n, self.head_dim).transpose(1, 2)  # (B, n, T, E)
 
     # --8<-- [end:split_heads]
+
+    # --8<-- [start:projections]
+    def _self_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention's q = x W_Q, k = x W_K, v = x W_V, split into heads.
+
+        Inside ``fused_projections`` (generation enters it) and without gradients, the three
+        maps run as one matrix product with the weights side by side (``_fused_projections``);
+        otherwise as three ``nn.Linear`` calls (``_plain_projections``, the reference). Both
+        give the same q, k, v.
+        """
+        if self.fuse_projections and not torch.is_grad_enabled():
+            return self._fused_projections(x)
+        return self._plain_projections(x)
+
+    def _plain_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The reference: three separate projections of x (B, T, D)."""
+        q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
+        k = self._split_heads(self.k_proj(x), self.n_kv_heads)  # (B, K, T, E)
+        v = self._split_heads(self.v_proj(x), self.n_kv_heads)  # (B, K, T, E)
+        return q, k, v
+
+    def _fused_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Fast path of ``_plain_projections``: one product with [W_Q W_K W_V], then three views.
+
+        Saves two calls per layer on each decoding step, where a token costs microseconds of
+        dispatch per call. The concatenated weight is kept, transposed to (D, (H + 2K) E),
+        the layout in which CPU matrix-vector products read it fastest (see
+        ``benchmarks/RESULTS.md``), and rebuilt when a projection's parameters change.
+        """
+        b, t, d = x.shape
+        assert self._fused is not None, "enter fused_projections first"
+        _, weight_t, bias, _, _ = self._fused  # (D, (H + 2K) E), ((H + 2K) E,) or None
+        x2 = x.reshape(b * t, d)  # (B T, D)
+        qkv = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias, x2, weight_t)
+        qkv = qkv.view(b, t, -1)  # (B, T, (H + 2K) E)
+        hq, hk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q = self._split_heads(qkv[..., :hq], self.n_heads)  # (B, H, T, E)
+        k = self._split_heads(qkv[..., hq : hq + hk], self.n_kv_heads)  # (B, K, T, E)
+        v = self._split_heads(qkv[..., hq + hk :], self.n_kv_heads)  # (B, K, T, E)
+        return q, k, v
+
+    def _fused_output(self, out: Tensor) -> Tensor:
+        """Fast path of ``out_proj(out)``, (B, T, H E) -> (B, T, D): W_O read transposed, and
+        no module call."""
+        b, t, _ = out.shape
+        assert self._fused is not None, "enter fused_projections first"
+        _, _, _, weight_t, bias = self._fused  # (H E, D), (D,) or None
+        out2 = out.reshape(b * t, -1)  # (B T, H E)
+        y = torch.mm(out2, weight_t) if bias is None else torch.addmm(bias, out2, weight_t)
+        return y.view(b, t, -1)  # (B, T, D)
+
+    def _fused_weights(self) -> None:
+        """Build [W_Q W_K W_V] and W_O transposed (biases side by side); cached until they change.
+
+        ``fused_projections`` calls it on entry, so the parameters are compared once per
+        generation, not once per token. The cache is keyed on each parameter's storage and
+        version counter: an optimizer step, ``load_state_dict``, ``.to(...)`` or any in-place
+        write to a parameter rebuilds it. (Writes through ``param.data`` bypass the version
+        counter, as they bypass autograd's own checks; call ``clear_fused_cache()`` after them.)
+        """
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        linears = (*projections, self.out_proj)
+        params = [p for m in linears for p in (m.weight, m.bias) if p is not None]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                weight = torch.cat([m.weight for m in projections])  # ((H + 2K) E, D)
+                weight_t = weight.t().contiguous()  # (D, (H + 2K) E)
+                bias = None
+                if any(m.bias is not None for m in projections):
+                    bias = torch.cat(
+                        [
+                            m.weight.new_zeros(m.out_features) if m.bias is None else m.bias
+                            for m in projections
+                        ]
+                    )  # ((H + 2K) E,)
+                out_t = self.out_proj.weight.t().contiguous()  # (H E, D)
+            self._fused = (key, weight_t, bias, out_t, self.out_proj.bias)
+
+    def clear_fused_cache(self) -> None:
+        """Drop the fused weights (``fused_projections`` rebuilds them on entry)."""
+        self._fused = None
+
+    # --8<-- [end:projections]
 
     # --8<-- [start:forward]
     def forward(
@@ -179,15 +282,13 @@ class MultiHeadAttention(nn.Module):
                 f"x must be (B, T, D) with D=d_model={self.d_model}, got {tuple(x.shape)}"
             )
         b, t, _ = x.shape
-        q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
         if context is None and cache is not None and cache.cross:
             raise ValueError(
                 "this cache holds a cross-attention's keys and values; pass the encoder's output "
                 "as context (it is read from the cache, not recomputed)"
             )
         if context is None:  # self-attention
-            k = self._split_heads(self.k_proj(x), self.n_kv_heads)  # (B, K, T, E)
-            v = self._split_heads(self.v_proj(x), self.n_kv_heads)  # (B, K, T, E)
+            q, k, v = self._self_projections(x)  # (B, H, T, E), (B, K, T, E), (B, K, T, E)
             if self.rotary is not None:
                 if position_ids is None:
                     past = 0 if cache is None else cache.seq_len
@@ -196,8 +297,10 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.update(k, v)  # (B, K, S, E)
         elif cache is not None and cache.seq_len > 0:  # cross-attention, keys already cached
+            q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
             k, v = cache.keys, cache.values  # type: ignore[assignment]
         else:  # cross-attention
+            q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
             k = self._split_heads(self.k_proj(context), self.n_kv_heads)  # (B, K, S, E)
             v = self._split_heads(self.v_proj(context), self.n_kv_heads)  # (B, K, S, E)
             if cache is not None:
@@ -216,7 +319,12 @@ class MultiHeadAttention(nn.Module):
         )  # (B, H, T, E)
         if self.capture_weights:
             self.last_weights = self._exact_weights(q, k, v, mask, bias).detach()  # (B, H, T, S)
+            if self.capture_values:
+                self.last_values = v.detach()  # (B, K, S, E)
+                self.last_output = out.detach()  # (B, H, T, E)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H * E)
+        if self.fuse_projections and not torch.is_grad_enabled():
+            return self._fused_output(out)  # (B, T, D)
         return self.out_proj(out)  # (B, T, D)
 
     # --8<-- [end:forward]
@@ -276,3 +384,47 @@ def recording_weights(
             m.capture_weights = was
             if not was:
                 m.last_weights = None  # the caller holds its copy; do not keep (B, H, T, S) alive
+
+
+# --8<-- [start:fused_projections]
+@contextmanager
+def fused_projections(modules: Sequence[MultiHeadAttention]) -> Iterator[None]:
+    """Run the projections of ``modules`` from fused weights while the block runs: q, k and v
+    of self-attention as one matrix product, and W_O from a transposed copy (in no-grad
+    forwards only: with gradients the plain ``nn.Linear`` path runs).
+
+    A decoding step costs a few microseconds per operation dispatched, so at small sizes three
+    projections cost about three times one; at large sizes the transposed layout is the one
+    CPU matrix-vector kernels read fastest. The price is memory: a copy of W_Q, W_K, W_V and
+    W_O per module, kept (outside the state_dict) for the next generation; free it with
+    ``clear_fused_cache()``. On entry each module's copies are checked against its parameters
+    (rebuilt if they changed); inside the block the parameters must not change. Generation
+    (``qkv.generate``) enters it around the decoding loop.
+
+    Args:
+        modules: the attention modules to switch, e.g. ``attention_modules(model)``.
+
+    Example:
+        >>> import torch
+        >>> mha = MultiHeadAttention(d_model=8, n_heads=2).eval()
+        >>> x = torch.randn(1, 3, 8)
+        >>> with torch.no_grad():
+        ...     plain = mha(x, causal=True)
+        ...     with fused_projections([mha]):
+        ...         fused = mha(x, causal=True)
+        >>> bool(torch.allclose(plain, fused, atol=1e-6)), mha.fuse_projections
+        (True, False)
+    """
+    modules = [m for m in modules if m.k_proj.in_features == m.d_model]  # self-attention shapes
+    before = [m.fuse_projections for m in modules]
+    try:
+        for m in modules:
+            m._fused_weights()  # rebuilt here if the parameters changed
+            m.fuse_projections = True
+        yield
+    finally:
+        for m, was in zip(modules, before, strict=True):
+            m.fuse_projections = was
+
+
+# --8<-- [end:fused_projections]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import re
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,10 @@ from typing import Any
 import torch
 
 import qkv
+
+# Larger subcommands live in their own modules; each has ``register(subparsers)`` that adds its
+# parsers and sets ``func`` (a function of the parsed arguments returning the exit code).
+COMMAND_MODULES: tuple[str, ...] = ("qkv.cli.explain", "qkv.cli.tokenizer", "qkv.cli.train")
 
 SEED_SENTENCE = "The animal didn't cross the street because it was tired"
 
@@ -165,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--source", required=True, help="the source text")
     _add_generation_flags(translate)
     translate.set_defaults(func=cmd_generate)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 

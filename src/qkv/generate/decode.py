@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from qkv.attention.multihead import fused_projections
 from qkv.generate.beam import beam_search
 from qkv.generate.cached import (
     CachedDecoder,
@@ -36,6 +37,7 @@ from qkv.generate.cached import is_encoder_decoder as _is_encoder_decoder
 from qkv.generate.sampling import greedy, process_logits, sample
 from qkv.generate.settings import GenerationSettings, check_prompt, resolve_settings
 from qkv.generate.stopping import StopCondition
+from qkv.models.common import attention_modules
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -193,7 +195,9 @@ def generate(
     device = _device(model)
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
-    with torch.inference_mode(), _eval_mode(model):
+    # Each attention layer's projections from fused weights (see fused_projections).
+    fused = fused_projections(attention_modules(model))
+    with torch.inference_mode(), _eval_mode(model), fused:
         runner = cached_model(
             model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
             static_cache=static_cache,
@@ -285,8 +289,9 @@ def stream(
 def _stream_ids(
     model: nn.Module, ids: Tensor, mask: Tensor | None, settings: GenerationSettings
 ) -> Iterator[int]:
-    # Inference mode is entered around each step only: the caller's code between two tokens
-    # runs in whatever mode it chose.
+    # Inference mode (and the fused projections) are entered around each step only: the
+    # caller's code between two tokens runs in whatever mode it chose.
+    attns = attention_modules(model)
     with _eval_mode(model):
         with torch.inference_mode():
             runner = cached_model(
@@ -295,7 +300,7 @@ def _stream_ids(
             )  # fmt: skip
             steps = decode_steps(runner, settings)
         while True:
-            with torch.inference_mode():
+            with torch.inference_mode(), fused_projections(attns):
                 tokens = next(steps, None)
             if tokens is None:
                 return

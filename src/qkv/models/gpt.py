@@ -35,6 +35,7 @@ H query heads · E head dim · F MLP hidden width · V vocabulary · L layers.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -235,13 +236,16 @@ class GPT(QkvModel):
             )
         check_attention_mask(attention_mask, past + t)
         mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, t, past, device=input_ids.device)
-        x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, D)
+        x = self.tok_emb(input_ids) + self._positions(position_ids, attention_mask, t, past)
+        if self.training:  # (dropout is the identity at inference: skip the call)
+            x = self.dropout(x)  # (B, T, D)
         hidden: list[Tensor] = []  # the input of every layer, then the final output
-        with recording_weights(
-            attention_modules(self.layers) if output_attentions else [], output_attentions
-        ) as attentions:
+        recording: AbstractContextManager[list[Tensor]] = (
+            recording_weights(attention_modules(self.layers))
+            if output_attentions
+            else nullcontext([])
+        )
+        with recording as attentions:
             for i, layer in enumerate(self.layers):
                 if output_hidden_states:
                     hidden.append(x)
@@ -259,6 +263,22 @@ class GPT(QkvModel):
         )
 
     # --8<-- [end:forward]
+
+    def _positions(
+        self, position_ids: Tensor | None, attention_mask: Tensor | None, t: int, past: int
+    ) -> Tensor:
+        """The position embeddings of the T new tokens, (T, D) or (B, T, D).
+
+        Positions given by the caller are checked by ``pos_emb``. Those built here lie in
+        [0, past + T), already checked against ``max_seq_len``, so the table is read directly;
+        without padding they are past .. past + T - 1, a slice of it (decoding reads one row
+        per token without building an index).
+        """
+        if position_ids is not None:
+            return self.pos_emb(position_ids)  # (T, D) or (B, T, D)
+        if attention_mask is None:  # GPT's positions have no offset: row p is position p
+            return self.pos_emb.emb.weight[past : past + t]  # (T, D)
+        return self.pos_emb.emb(default_position_ids(attention_mask, t, past))  # (B, T, D)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> list[KVCache]:
         """An empty key/value cache, one ``KVCache`` per layer, to pass as ``cache=``.

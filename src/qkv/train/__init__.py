@@ -1,0 +1,53 @@
+"""Training: one loop for every model family, with checkpoints, evaluation and presets.
+
+Read in this order: ``config`` (a run as typed data), ``schedule`` (learning rate over time),
+``optim`` (AdamW and which parameters decay), ``objectives`` (what is predicted and the loss),
+``evaluate`` (validation metrics, samples), ``checkpoint`` (atomic, resumable checkpoints),
+``distributed`` (DDP and FSDP2), ``metrics`` (CSV, TensorBoard, the loss curve), ``loop`` (all
+of it together), ``presets`` (named runs).
+
+Example:
+    >>> from qkv.train import config_from_dict
+    >>> config = config_from_dict({"model": {"family": "gpt", "n_layers": 2},
+    ...                            "train": {"max_steps": 10}})
+    >>> config.model.family, config.train.max_steps
+    ('gpt', 10)
+"""
+
+from qkv.train.config import (
+    ConfigError,
+    EvalConfig,
+    LoopConfig,
+    ModelSpec,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    merge_overrides,
+    parse_duration,
+)
+from qkv.train.loop import TrainResult, load_run_config, train
+from qkv.train.metrics import StepMetrics, TrainCallback
+from qkv.train.presets import list_presets, load_preset
+
+__all__ = [
+    "ConfigError",
+    "EvalConfig",
+    "LoopConfig",
+    "ModelSpec",
+    "OptimConfig",
+    "ScheduleConfig",
+    "StepMetrics",
+    "TrainCallback",
+    "TrainConfig",
+    "TrainResult",
+    "config_from_dict",
+    "config_to_dict",
+    "list_presets",
+    "load_preset",
+    "load_run_config",
+    "merge_overrides",
+    "parse_duration",
+    "train",
+]

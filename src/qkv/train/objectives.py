@@ -1,0 +1,262 @@
+"""Training objectives: what the model predicts, and the loss it is trained on.
+
+Every objective turns a data batch into model inputs and integer targets (``-100`` = not
+scored), then scores the model's logits with cross-entropy::
+
+    causal LM        inputs x_1 .. x_{T-1}, targets x_2 .. x_T         (GPT, LLaMA)
+    masked LM        15% of the real, non-special tokens are chosen; of those 80% become
+                     [MASK], 10% a random token, 10% stay; targets = the chosen originals
+                     (Devlin et al., "BERT", 2018, arXiv:1810.04805, section 3.1)
+    seq2seq          teacher forcing: the decoder reads [start, y_1 .. y_{T-1}] and predicts
+                     y_1 .. y_T; optional label smoothing (Vaswani et al. 2017, section 5.4)
+    classification   one target per example (ViT on images)
+
+The loss the trainer minimises is a SUM over the real targets of the whole (global) batch
+divided by their count N::
+
+    loss = (1 / N) * sum_{i : y_i != -100} CE(logits_i, y_i)
+
+A micro-batch contributes ``loss_sum(micro) / N`` with the global N, so accumulating gradients
+over micro-batches (and summing them over ranks) gives exactly the gradient of one big batch,
+even when micro-batches hold different numbers of real tokens (padding, masking). A mean per
+micro-batch would weight a token of a short micro-batch more than one of a long one.
+
+Shape legend: B batch · T target positions · S source positions · V vocabulary · C classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from qkv.data.config import step_generator
+from qkv.models.common import IGNORE_INDEX, shift_right
+
+__all__ = [
+    "Batch",
+    "CausalLM",
+    "Classification",
+    "MaskedLM",
+    "Objective",
+    "Seq2Seq",
+    "loss_sum",
+    "mask_tokens",
+]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Model inputs and the targets they are scored against (``-100`` = not scored).
+
+    Every tensor has the batch on dim 0, so a batch slices into micro-batches and rank shards
+    row-wise (``rows``).
+    """
+
+    inputs: dict[str, Tensor]
+    targets: Tensor  # (B, T) token ids or (B,) class ids
+
+    @property
+    def num_targets(self) -> int:
+        """N: how many targets are scored (not -100)."""
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.targets.shape[0])
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows ``start:stop`` of every tensor."""
+        return Batch(
+            inputs={k: v[start:stop] for k, v in self.inputs.items()},
+            targets=self.targets[start:stop],
+        )
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            inputs={k: v.to(device) for k, v in self.inputs.items()},
+            targets=self.targets.to(device),
+        )
+
+
+# --8<-- [start:loss]
+def loss_sum(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Summed cross-entropy over the scored targets (divide by the global count yourself).
+
+    Args:
+        logits: (B, T, V) or (B, C), any float dtype (scored in float32).
+        targets: (B, T) or (B,) int64; ``-100`` marks positions left out.
+        label_smoothing: ε: the target distribution is (1 - ε) one-hot + ε / V uniform.
+
+    Returns:
+        A float32 scalar: sum_i CE(logits_i, y_i) over targets != -100.
+
+    Example:
+        >>> loss_sum(torch.zeros(1, 2, 4), torch.tensor([[1, -100]]))  # one target: log 4
+        tensor(1.3863)
+    """
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (B * T, V)
+    return F.cross_entropy(
+        flat_logits, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+        label_smoothing=label_smoothing,
+    )  # fmt: skip
+
+
+# --8<-- [end:loss]
+
+
+class Objective:
+    """Turns data batches into ``Batch`` records and runs the model on them.
+
+    Subclasses implement ``prepare``; ``logits`` calls the model with the inputs as keywords.
+    """
+
+    name = "objective"
+    label_smoothing = 0.0
+
+    def prepare(self, batch: dict[str, Tensor], *, seed: int, step: int) -> Batch:
+        """Inputs and targets for a data batch; ``(seed, step)`` seeds any randomness."""
+        raise NotImplementedError
+
+    def logits(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The model's scores for ``batch``: (B, T, V) or (B, C)."""
+        out = model(**batch.inputs)
+        return out.logits
+
+    def loss_sum(self, logits: Tensor, batch: Batch) -> Tensor:
+        """Summed cross-entropy of ``logits`` against ``batch.targets`` (a float32 scalar)."""
+        return loss_sum(logits, batch.targets, self.label_smoothing)
+
+
+class CausalLM(Objective):
+    """Predict token t + 1 from tokens 1 .. t: inputs ``ids[:, :-1]``, targets ``ids[:, 1:]``."""
+
+    name = "causal_lm"
+
+    def prepare(self, batch: dict[str, Tensor], *, seed: int, step: int) -> Batch:
+        ids = batch["input_ids"]  # (B, T)
+        return Batch(inputs={"input_ids": ids[:, :-1]}, targets=ids[:, 1:])  # (B, T - 1)
+
+
+# --8<-- [start:masking]
+def mask_tokens(
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: Sequence[int],
+    generator: torch.Generator,
+    rate: float = 0.15,
+) -> tuple[Tensor, Tensor]:
+    """BERT's masking: choose ``rate`` of the real, non-special tokens; of those, 80% become
+    ``mask_id``, 10% a random non-special token, 10% stay as they are.
+
+    Args:
+        input_ids: (B, T) int64.
+        attention_mask: (B, T), 1 = real token; padding is never chosen. None: all real.
+        mask_id: the [MASK] token.
+        vocab_size: V; random replacements are drawn from the non-special ids below it.
+        special_ids: ids never chosen (and never drawn as replacements): [CLS], [SEP], [PAD]...
+        generator: a seeded CPU generator (the same generator state, the same masking).
+        rate: the fraction of tokens chosen.
+
+    Returns:
+        ``(masked_ids, labels)``, both (B, T): labels hold the original id where a token was
+        chosen and -100 elsewhere.
+    """
+    special = torch.zeros(vocab_size, dtype=torch.bool)  # (V,)
+    special[list(special_ids)] = True
+    candidates = ~special[input_ids]  # (B, T)
+    if attention_mask is not None:
+        candidates &= attention_mask.bool()
+    chosen = (torch.rand(input_ids.shape, generator=generator) < rate) & candidates  # (B, T)
+    labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)  # (B, T)
+    action = torch.rand(input_ids.shape, generator=generator)  # (B, T) in [0, 1)
+    allowed = (~special).nonzero().squeeze(1)  # (V',) ids a random replacement may take
+    pick = torch.randint(len(allowed), input_ids.shape, generator=generator)  # (B, T)
+    masked = torch.where(chosen & (action < 0.8), mask_id, input_ids)  # 80%: [MASK]
+    randomised = chosen & (action >= 0.8) & (action < 0.9)  # 10%: a random token
+    masked = torch.where(randomised, allowed[pick], masked)  # (B, T); the last 10% stay
+    return masked, labels
+
+
+# --8<-- [end:masking]
+
+
+class MaskedLM(Objective):
+    """Predict the chosen tokens of a masked window (see ``mask_tokens``).
+
+    Args:
+        mask_id, vocab_size, special_ids: from the data source.
+        rate: the fraction of tokens chosen (BERT: 0.15).
+    """
+
+    name = "masked_lm"
+
+    def __init__(
+        self, *, mask_id: int, vocab_size: int, special_ids: Sequence[int], rate: float = 0.15
+    ) -> None:
+        self.mask_id = mask_id
+        self.vocab_size = vocab_size
+        self.special_ids = list(special_ids)
+        self.rate = rate
+
+    def prepare(self, batch: dict[str, Tensor], *, seed: int, step: int) -> Batch:
+        attention_mask = batch.get("attention_mask")
+        masked, labels = mask_tokens(
+            batch["input_ids"], attention_mask, mask_id=self.mask_id,
+            vocab_size=self.vocab_size, special_ids=self.special_ids,
+            generator=step_generator(seed, step, "mlm"), rate=self.rate,
+        )  # fmt: skip
+        inputs = {"input_ids": masked}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        return Batch(inputs=inputs, targets=labels)
+
+
+class Seq2Seq(Objective):
+    """Teacher forcing: the decoder reads the targets shifted right behind a start token.
+
+    Args:
+        decoder_start_token_id: the decoder's first input (the model config's).
+        pad_token_id: fills the shifted positions of ignored (-100) labels.
+        label_smoothing: ε of the targets.
+    """
+
+    name = "seq2seq"
+
+    def __init__(
+        self, *, decoder_start_token_id: int, pad_token_id: int, label_smoothing: float = 0.0
+    ) -> None:
+        self.decoder_start_token_id = decoder_start_token_id
+        self.pad_token_id = pad_token_id
+        self.label_smoothing = label_smoothing
+
+    def prepare(self, batch: dict[str, Tensor], *, seed: int, step: int) -> Batch:
+        labels = batch["labels"]  # (B, T)
+        decoder_input_ids = shift_right(labels, self.decoder_start_token_id, self.pad_token_id)
+        return Batch(
+            inputs={
+                "input_ids": batch["input_ids"],  # (B, S)
+                "attention_mask": batch["attention_mask"],  # (B, S)
+                "decoder_input_ids": decoder_input_ids,  # (B, T)
+                "decoder_attention_mask": batch["decoder_attention_mask"],  # (B, T)
+            },
+            targets=labels,
+        )
+
+
+class Classification(Objective):
+    """One class per example: ``pixel_values`` in, ``labels`` (B,) as targets."""
+
+    name = "classification"
+
+    def __init__(self, *, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def prepare(self, batch: dict[str, Tensor], *, seed: int, step: int) -> Batch:
+        return Batch(inputs={"pixel_values": batch["pixel_values"]}, targets=batch["labels"])

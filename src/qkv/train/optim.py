@@ -1,0 +1,73 @@
+"""AdamW with weight decay only where it belongs: on the matrices that multiply activations.
+
+Decoupled weight decay (Loshchilov and Hutter, "Decoupled Weight Decay Regularization", 2019,
+arXiv:1711.05101) shrinks every decayed weight a little each step, θ <- θ - lr * λ * θ, apart
+from the Adam update. Shrinking a LayerNorm gain or a bias towards zero only fights the
+normalisation, and decaying an embedding row penalises rare tokens, which get few gradients to
+push back; so, as in GPT-2/3 and BERT training code, two parameter groups:
+
+    decay       weights of nn.Linear and convolutions (the (out, in) matrices)
+    no decay    everything else: norm gains and shifts, biases, token and position embeddings
+                (also when tied to an output head), ViT's class token, T5's relative biases
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qkv.train.config import OptimConfig
+
+__all__ = ["build_optimizer", "param_groups"]
+
+
+# --8<-- [start:groups]
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    """Two AdamW parameter groups: decayed matrices, and the rest with ``weight_decay=0``.
+
+    Args:
+        model: any module; shared (tied) parameters appear once.
+        weight_decay: λ of the decayed group.
+
+    Returns:
+        ``[{"params": decay, "weight_decay": λ}, {"params": no_decay, "weight_decay": 0.0}]``,
+        each list in ``named_parameters`` order (so optimizer state lines up across runs).
+
+    Example:
+        >>> groups = param_groups(nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4)), 0.1)
+        >>> [len(g["params"]) for g in groups]  # Linear.weight | Embedding.weight, Linear.bias
+        [1, 2]
+    """
+    matrices: set[int] = set()
+    embeddings: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            matrices.add(id(module.weight))
+        if isinstance(module, nn.Embedding):
+            embeddings.add(id(module.weight))
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # shared parameters are listed once
+        if not p.requires_grad:
+            continue
+        if id(p) in matrices and id(p) not in embeddings:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # --8<-- [end:groups]
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``param_groups(model, config.weight_decay)``.
+
+    The learning rate set here is a placeholder: the loop sets each step's from the schedule.
+    """
+    return torch.optim.AdamW(
+        param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+    )

@@ -1,0 +1,71 @@
+"""AdamW parameter groups: which parameters decay."""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.models.bert import PRESETS as BERT
+from qkv.models.bert import Bert
+from qkv.models.gpt import GPT, GPTConfig
+from qkv.models.vit import PRESETS as VIT
+from qkv.models.vit import ViT
+from qkv.train.config import OptimConfig
+from qkv.train.optim import build_optimizer, param_groups
+
+
+def _names(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> set[str]:
+    ids = {id(p) for p in params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_gpt_decays_only_linear_weights() -> None:
+    model = GPT(GPTConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, max_seq_len=8))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = _names(model, decay["params"])  # type: ignore[arg-type]
+    kept = _names(model, no_decay["params"])  # type: ignore[arg-type]
+    assert decayed and all(n.endswith("_proj.weight") for n in decayed)
+    assert "tok_emb.weight" in kept  # the embedding, tied to lm_head: no decay
+    assert "pos_emb.emb.weight" in kept or any("pos_emb" in n for n in kept)
+    assert all(n.endswith(".bias") or "norm" in n or "emb" in n for n in kept)
+    # Every parameter is in exactly one group (the tied head once).
+    assert len(decayed) + len(kept) == len(list(model.parameters()))
+    assert not decayed & kept
+
+
+def test_bert_and_vit_norms_biases_embeddings_are_not_decayed() -> None:
+    for model in (Bert(BERT["tiny"]), ViT(VIT["tiny"])):
+        decay, _ = param_groups(model, 0.05)
+        decayed = _names(model, decay["params"])  # type: ignore[arg-type]
+        for name, p in model.named_parameters():
+            # (ViT's patch embedding is a convolution: a linear map of each patch, decayed.)
+            embedding = "emb" in name and "patch_emb" not in name
+            if p.dim() < 2 or embedding or "norm" in name or name == "cls_token":
+                assert name not in decayed, name
+        assert any("patch_emb" in n for n in decayed) or isinstance(model, Bert)
+
+
+def test_build_optimizer_settings() -> None:
+    model = GPT(GPTConfig(vocab_size=20, d_model=8, n_layers=1, n_heads=2, max_seq_len=8))
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, beta1=0.8, beta2=0.9, weight_decay=0.3))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    from qkv.train.loop import enable_activation_checkpointing
+
+    config = GPTConfig(vocab_size=30, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
+                       dropout=0.1)  # fmt: skip
+    ids = torch.randint(0, 30, (2, 8))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same weights and the same dropout masks
+        model = GPT(config)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -1,0 +1,55 @@
+"""Every preset loads, builds its model and trains a few steps at toy size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import qkv
+from qkv.train import config_from_dict, list_presets, load_preset, merge_overrides, train
+
+# Overrides that shrink each preset to a toy (the fields differ by family).
+TOY: dict[str, dict[str, Any]] = {
+    "gpt-char": {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2},
+    "llama-char": {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
+                   "model.n_kv_heads": 1, "model.d_ff": 64},
+    "gpt-code": {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
+                 "data.max_bytes": 40000, "data.vocab_size": 300},
+    "bert-mlm": {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
+                 "model.d_ff": 64, "data.max_bytes": 60000, "data.vocab_size": 300},
+    "transformer-dates": {"model.d_model": 32, "model.n_encoder_layers": 1,
+                          "model.n_decoder_layers": 1, "model.d_ff": 64,
+                          "data.num_examples": 16, "eval.generate_examples": 4},
+    "t5-tasks": {"model.d_model": 32, "model.n_layers": 1, "model.d_kv": 8, "model.d_ff": 64,
+                 "data.num_examples": 16, "eval.generate_examples": 4},
+    "vit-digits": {"model.d_model": 32, "model.n_layers": 1, "model.d_ff": 64},
+}  # fmt: skip
+COMMON = {
+    "train.max_steps": 2, "train.max_time": "", "train.batch_size": 4, "train.eval_every": 0,
+    "train.eval_batches": 1, "train.checkpoint_every": 0, "eval.sample_tokens": 4,
+    "train.threads": 1,
+}  # fmt: skip
+
+
+def test_every_preset_has_a_toy_size() -> None:
+    assert sorted(TOY) == list_presets()
+
+
+@pytest.mark.parametrize("name", sorted(TOY))
+def test_preset_trains_two_steps(name: str, tmp_path: Path, cache_dir: Path) -> None:
+    overrides = {**COMMON, **TOY[name]}
+    if name.endswith(("-char", "-code", "-mlm")):
+        overrides["data.seq_len"] = 24
+    config = config_from_dict(merge_overrides(load_preset(name), overrides))
+    assert config.preset == name
+    result = train(config, tmp_path / "run", cache_dir=cache_dir)
+    assert result.steps == 2
+    assert torch.isfinite(torch.tensor(result.train_loss))
+    assert "val_loss" in result.metrics and result.metrics["val_loss"] > 0
+    assert result.final_dir is not None
+    model = qkv.from_pretrained(result.final_dir)
+    assert model.family == config.model.family
+    assert (tmp_path / "run" / "checkpoints").is_dir()  # the final checkpoint
