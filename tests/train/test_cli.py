@@ -145,3 +145,14 @@ def test_bad_inputs_are_one_line_errors(
     assert "config.yaml" in msg
     msg = _error(["sample", str(fresh)], capsys)
     assert "final" in msg
+
+
+def test_budget_shortcuts(tmp_path: Path, cache_dir: Path) -> None:
+    """--max-steps and --max-time set train.max_steps and train.max_time."""
+    out = tmp_path / "short"
+    code = main(["train", "--preset", "gpt-char", *TOY, "--max-steps", "2", "--max-time", "5m",
+                 "--out", str(out), "--cache-dir", str(cache_dir)])  # fmt: skip
+    assert code == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.csv")] == ["1", "2"]
+    saved = (out / "config.yaml").read_text(encoding="utf-8")
+    assert "max_steps: 2" in saved and "max_time: 5m" in saved

@@ -2,7 +2,7 @@
 
     qkv train --preset gpt-char                           the 3-minute character GPT
     qkv train --preset gpt-char --model.n_layers 2 --train.max_steps 10 --out runs/toy
-    qkv train --config my.yaml --train.max_time 90s        a YAML file of the same shape
+    qkv train --config my.yaml --max-time 90s               a YAML file of the same shape
     qkv train --resume runs/toy --train.max_steps 20       continue from the last checkpoint
     qkv eval runs/toy                                      validation metrics of final/
     qkv sample runs/toy --prompt "The " --temperature 0.8  sample from a trained LM
@@ -157,6 +157,11 @@ def _build_config(args: argparse.Namespace) -> Any:
     from qkv.train.config import config_to_dict, parse_value
 
     overrides = {key: parse_value(value) for key, value in args.overrides}
+    # The two budgets have short spellings too: --max-time 3m, --max-steps 500.
+    if args.max_time is not None:
+        overrides["train.max_time"] = args.max_time
+    if args.max_steps is not None:
+        overrides["train.max_steps"] = args.max_steps
     if args.resume:
         if args.preset or args.config:
             raise ValueError("--resume continues a run with its own config; drop --preset/--config")
@@ -284,6 +289,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--config", help="a YAML file of the same shape as a preset")
     train.add_argument("--out", help="the run directory (default runs/<preset>-<time>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    train.add_argument("--max-time", help="wall-clock budget such as 90s, 3m, 1h (train.max_time)")
+    train.add_argument("--max-steps", type=int, help="step budget (train.max_steps)")
     train.add_argument("--cache-dir", help="tokenized-corpus cache (default ~/.cache/qkv/data)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
