@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -66,9 +67,15 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def sweep_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporary files left by an interrupted write; returns what was removed."""
+    """Delete temporaries (files, or directories written whole) left by an interrupted write.
+
+    Returns what was removed.
+    """
     removed = []
     for p in Path(directory).glob(TMP_PREFIX + "*"):
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         removed.append(p)
     return removed

@@ -201,3 +201,16 @@ def test_atomic_write_gives_files_the_usual_permissions(tmp_path) -> None:
         os.umask(mask)
     assert path.read_text() == "hello"
     assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+
+
+def test_sweep_removes_temporary_directories_too(tmp_path) -> None:
+    stale_dir = tmp_path / f"{TMP_PREFIX}step-00000010"
+    (stale_dir / "inner").mkdir(parents=True)
+    (stale_dir / "inner" / "model.safetensors").write_bytes(b"partial")
+    stale_file = tmp_path / f"{TMP_PREFIX}abc"
+    stale_file.write_bytes(b"x")
+    keep = tmp_path / "step-00000005"
+    keep.mkdir()
+    removed = sweep_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([stale_dir, stale_file])
+    assert not stale_dir.exists() and not stale_file.exists() and keep.is_dir()

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from qkv._io import TMP_PREFIX
+from qkv._io import TMP_PREFIX, sweep_stale_temporaries
 from qkv.interop.files import CheckpointError
 
 __all__ = [
@@ -213,13 +213,11 @@ def _remove_dir(path: Path) -> None:
 
 def sweep_checkpoints(root: Path) -> list[Path]:
     """Remove temporaries and incomplete checkpoints left by a killed run; returns them."""
-    removed: list[Path] = []
     if not root.is_dir():
-        return removed
+        return []
+    removed = sweep_stale_temporaries(root)
     for path in root.iterdir():
-        stale = path.name.startswith(TMP_PREFIX)
-        incomplete = _STEP_DIR.match(path.name) is not None and not _is_complete(path)
-        if stale or incomplete:
+        if _STEP_DIR.match(path.name) is not None and not _is_complete(path):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
