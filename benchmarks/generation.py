@@ -10,7 +10,7 @@ take turns within each repeat, so a load spike on a shared machine hits both.
 
     python benchmarks/generation.py [--new-tokens 256] [--repeat 3] [--threads N]
                                     [--dtypes float32,bfloat16] [--clock wall|cpu]
-    python benchmarks/generation.py --layouts    (matrix-vector kernels per weight layout)
+    python benchmarks/generation.py --layouts    (matrix-vector kernels and weight layouts)
 """
 
 from __future__ import annotations
@@ -99,16 +99,25 @@ def measure(name: str, size: dict[str, int], dtype: torch.dtype, args: argparse.
 
 
 def layouts(args: argparse.Namespace) -> None:
-    """GB/s at which one token's matrix-vector products read GPT-2 small's weights, per layout.
+    """GB/s at which one token's matrix-vector products read GPT-2 small's weights, per kernel.
 
-    ``F.linear`` reads W as stored by ``nn.Linear``, (out, in); ``torch.mm`` with a transposed
-    contiguous copy reads it as (in, out), the layout of transformers' GPT-2 ``Conv1D``. A plain
-    sum over as many bytes gives the memory bandwidth one core can draw, the ceiling for both.
+    ``F.linear`` reads W as stored by ``nn.Linear``, (out, in), through BLAS; ``torch.mm`` with a
+    transposed contiguous copy reads it as (in, out), the layout of transformers' GPT-2
+    ``Conv1D``; ``inference_linear`` is the kernel qkv decodes with (``qkv._kernels``: oneDNN
+    for weights this large), on the (out, in) weight unchanged. A plain sum over as many bytes
+    gives the memory bandwidth the threads can draw, the ceiling for all three.
     """
+    from qkv._kernels import inference_linear
+
     shapes = {"q/k/v fused": (2304, 768), "out_proj": (768, 768), "mlp up": (3072, 768),
               "mlp down": (768, 3072), "lm_head": (50257, 768)}  # fmt: skip
-    print(f"\nmatrix-vector kernels, float32, {args.threads} threads, {args.clock} clock")
-    print(f"{'weight (out, in)':<26} {'(out, in) GB/s':>15} {'(in, out) GB/s':>15}")
+    kernels: list[tuple[str, Callable[..., torch.Tensor], bool]] = [
+        ("F.linear (out, in)", torch.nn.functional.linear, False),
+        ("mm (in, out)", torch.mm, True),
+        ("qkv (out, in)", inference_linear, False),
+    ]
+    print(f"\nmatrix-vector kernels, float32, {args.threads} threads, {args.clock} clock, GB/s")
+    print(f"{'weight (out, in)':<26}" + "".join(f" {name:>19}" for name, _, _ in kernels))
     with torch.inference_mode():
         for name, (n_out, n_in) in shapes.items():
             copies = max(2, 200_000_000 // (n_out * n_in * 4))  # > the 32 MB cache in all
@@ -117,21 +126,23 @@ def layouts(args: argparse.Namespace) -> None:
             x = torch.randn(1, n_in)
             nbytes = copies * n_out * n_in * 4
             rates = []
-            for op, mats in ((torch.nn.functional.linear, weights), (torch.mm, transposed)):
+            for _, op, flipped in kernels:
 
                 def chain(
-                    op: Callable[..., torch.Tensor] = op, mats: list = mats, x: torch.Tensor = x
+                    op: Callable[..., torch.Tensor] = op,
+                    mats: list = transposed if flipped else weights,
+                    x: torch.Tensor = x,
                 ) -> None:
                     for w in mats:
                         op(x, w)
 
                 chain()
                 rates.append(nbytes / min(timed(chain, args.clock) for _ in range(5)) / 1e9)
-            print(f"{name + f' {n_out}x{n_in}':<26} {rates[0]:>15.1f} {rates[1]:>15.1f}")
+            print(f"{name + f' {n_out}x{n_in}':<26}" + "".join(f" {r:>19.1f}" for r in rates))
         flat = torch.randn(100_000_000)  # 400 MB
         flat.sum()
         rate = 4e8 / min(timed(flat.sum, args.clock) for _ in range(5)) / 1e9
-        print(f"{'streaming read (sum)':<26} {rate:>15.1f}")
+        print(f"{'streaming read (sum)':<26} {rate:>19.1f}")
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def test_decoding_with_fused_projections_equals_plain_decoding(family: str) -> N
     tokens = torch.randint(3, vocab(model), (2, 4))
 
     def logits_per_step(fused: bool) -> torch.Tensor:
-        runner = CachedDecoder(model, prompt, None, max_new_tokens=5)
+        runner = CachedDecoder(model, prompt, None, max_new_tokens=5, flat=fused)
         with torch.inference_mode(), fused_projections(attention_modules(model) if fused else []):
             steps = [runner.prefill()] + [runner.step(tokens[:, i]) for i in range(4)]
         return torch.stack(steps, dim=1).clone()  # (B, 5, V)

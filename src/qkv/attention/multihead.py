@@ -33,6 +33,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from qkv._kernels import inference_linear
 from qkv.attention.backends import repeat_kv
 from qkv.attention.core import reference_attention, scaled_dot_product_attention
 from qkv.attention.kv_cache import KVCache
@@ -147,10 +148,7 @@ class MultiHeadAttention(nn.Module):
         self.fuse_projections = False  # set by fused_projections (generation)
         # (parameter key, [W_Q W_K W_V]^T, their biases, W_O^T, its bias): see _fused_weights;
         # not in the state_dict.
-        self._fused: (
-            tuple[tuple[tuple[int, int, torch.dtype], ...], Tensor, Tensor | None, Tensor,
-                  Tensor | None] | None
-        )  # fmt: skip
+        self._fused: tuple[tuple[tuple[int, int, torch.dtype], ...], Tensor, Tensor | None] | None
         self._fused = None
         # With capture_values too, the capture also keeps v and the heads' fast output, so that
         # qkv.viz.capture can check weights @ v == output.
@@ -189,16 +187,13 @@ class MultiHeadAttention(nn.Module):
         """Fast path of ``_plain_projections``: one product with [W_Q W_K W_V], then three views.
 
         Saves two calls per layer on each decoding step, where a token costs microseconds of
-        dispatch per call. The concatenated weight is kept, transposed to (D, (H + 2K) E),
-        the layout in which CPU matrix-vector products read it fastest (see
-        ``benchmarks/RESULTS.md``), and rebuilt when a projection's parameters change.
+        dispatch per call, and runs on ``inference_linear``, the kernel that reads weights
+        fastest on a CPU (see ``qkv._kernels``). The concatenated weight ((H + 2K) E, D) is
+        kept, and rebuilt when a projection's parameters change.
         """
-        b, t, d = x.shape
         assert self._fused is not None, "enter fused_projections first"
-        _, weight_t, bias, _, _ = self._fused  # (D, (H + 2K) E), ((H + 2K) E,) or None
-        x2 = x.reshape(b * t, d)  # (B T, D)
-        qkv = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias, x2, weight_t)
-        qkv = qkv.view(b, t, -1)  # (B, T, (H + 2K) E)
+        _, weight, bias = self._fused  # ((H + 2K) E, D), ((H + 2K) E,) or None
+        qkv = inference_linear(x, weight, bias)  # (B, T, (H + 2K) E)
         hq, hk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q = self._split_heads(qkv[..., :hq], self.n_heads)  # (B, H, T, E)
         k = self._split_heads(qkv[..., hq : hq + hk], self.n_kv_heads)  # (B, K, T, E)
@@ -206,17 +201,12 @@ class MultiHeadAttention(nn.Module):
         return q, k, v
 
     def _fused_output(self, out: Tensor) -> Tensor:
-        """Fast path of ``out_proj(out)``, (B, T, H E) -> (B, T, D): W_O read transposed, and
-        no module call."""
-        b, t, _ = out.shape
-        assert self._fused is not None, "enter fused_projections first"
-        _, _, _, weight_t, bias = self._fused  # (H E, D), (D,) or None
-        out2 = out.reshape(b * t, -1)  # (B T, H E)
-        y = torch.mm(out2, weight_t) if bias is None else torch.addmm(bias, out2, weight_t)
-        return y.view(b, t, -1)  # (B, T, D)
+        """Fast path of ``out_proj(out)``, (B, T, H E) -> (B, T, D): the same weights on
+        ``inference_linear``, and no module call."""
+        return inference_linear(out, self.out_proj.weight, self.out_proj.bias)  # (B, T, D)
 
     def _fused_weights(self) -> None:
-        """Build [W_Q W_K W_V] and W_O transposed (biases side by side); cached until they change.
+        """Build [W_Q W_K W_V] (and the biases side by side); cached until they change.
 
         ``fused_projections`` calls it on entry, so the parameters are compared once per
         generation, not once per token. The cache is keyed on each parameter's storage and
@@ -225,13 +215,11 @@ class MultiHeadAttention(nn.Module):
         counter, as they bypass autograd's own checks; call ``clear_fused_cache()`` after them.)
         """
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        linears = (*projections, self.out_proj)
-        params = [p for m in linears for p in (m.weight, m.bias) if p is not None]
+        params = [p for m in projections for p in (m.weight, m.bias) if p is not None]
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if self._fused is None or self._fused[0] != key:
             with torch.no_grad():
                 weight = torch.cat([m.weight for m in projections])  # ((H + 2K) E, D)
-                weight_t = weight.t().contiguous()  # (D, (H + 2K) E)
                 bias = None
                 if any(m.bias is not None for m in projections):
                     bias = torch.cat(
@@ -240,8 +228,7 @@ class MultiHeadAttention(nn.Module):
                             for m in projections
                         ]
                     )  # ((H + 2K) E,)
-                out_t = self.out_proj.weight.t().contiguous()  # (H E, D)
-            self._fused = (key, weight_t, bias, out_t, self.out_proj.bias)
+            self._fused = (key, weight, bias)
 
     def clear_fused_cache(self) -> None:
         """Drop the fused weights (``fused_projections`` rebuilds them on entry)."""
@@ -390,16 +377,17 @@ def recording_weights(
 @contextmanager
 def fused_projections(modules: Sequence[MultiHeadAttention]) -> Iterator[None]:
     """Run the projections of ``modules`` from fused weights while the block runs: q, k and v
-    of self-attention as one matrix product, and W_O from a transposed copy (in no-grad
-    forwards only: with gradients the plain ``nn.Linear`` path runs).
+    of self-attention as one matrix product, and every projection on ``inference_linear``
+    (in no-grad forwards only: with gradients the plain ``nn.Linear`` path runs).
 
     A decoding step costs a few microseconds per operation dispatched, so at small sizes three
-    projections cost about three times one; at large sizes the transposed layout is the one
-    CPU matrix-vector kernels read fastest. The price is memory: a copy of W_Q, W_K, W_V and
-    W_O per module, kept (outside the state_dict) for the next generation; free it with
-    ``clear_fused_cache()``. On entry each module's copies are checked against its parameters
-    (rebuilt if they changed); inside the block the parameters must not change. Generation
-    (``qkv.generate``) enters it around the decoding loop.
+    projections cost about three times one; at large sizes the step is bound by how fast the
+    kernel reads the weights, and ``inference_linear`` picks the fastest (``qkv._kernels``).
+    The price is memory: a copy of W_Q, W_K and W_V per module, kept (outside the state_dict)
+    for the next generation; free it with ``clear_fused_cache()``. On entry each module's copy
+    is checked against its parameters (rebuilt if they changed); inside the block the
+    parameters must not change. Generation (``qkv.generate``) enters it around the decoding
+    loop.
 
     Args:
         modules: the attention modules to switch, e.g. ``attention_modules(model)``.

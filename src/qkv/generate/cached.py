@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from qkv.attention.kv_cache import KVCache
+from qkv.generate.flat import flat_step
 
 __all__ = [
     "CachedDecoder",
@@ -57,6 +58,8 @@ class CachedDecoder:
         attention_mask: (B, T), 1 = real token, 0 = padding; None = no padding.
         max_new_tokens: how many steps may follow (sizes the mask and a static cache).
         static_cache: preallocate the caches for T + max_new_tokens - 1 positions.
+        flat: take the model's flat decoding step when it has one (``qkv.generate.flat``:
+            the same logits with fewer calls); False always steps through ``model.forward``.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class CachedDecoder:
         *,
         max_new_tokens: int,
         static_cache: bool = False,
+        flat: bool = True,
     ) -> None:
         b, t = input_ids.shape
         limit = _positions_limit(model)
@@ -95,6 +99,7 @@ class CachedDecoder:
         self.cache: list[KVCache] = (
             model.new_cache(b, t + max_new_tokens - 1) if static_cache else model.new_cache()
         )
+        self.flat_step = flat_step(model) if flat else None
 
     @property
     def prefix(self) -> Tensor:
@@ -122,6 +127,12 @@ class CachedDecoder:
     def step(self, tokens: Tensor) -> Tensor:
         """Append one token per row (N,); the next token's logits (N, V)."""
         self.length += 1
+        if self.flat_step is not None:  # the same function, written flat (see flat.py)
+            mask = None if self.mask is None else self.mask[:, : self.length]  # (N, past + 1)
+            logits = self.flat_step(tokens, self.cache, mask, self.position)  # (N, V)
+            if self.position is not None:
+                self.position = self.position + 1  # (N, 1)
+            return logits
         if self.mask is None:
             out = self.model(tokens[:, None], cache=self.cache)
         else:

@@ -1,0 +1,128 @@
+"""GPT's flat decoding step (``qkv.generate.flat``) against the module path it replaces."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import qkv.generate.cached as cached_module
+from qkv.attention.multihead import fused_projections
+from qkv.generate.cached import CachedDecoder
+from qkv.generate.flat import GPTFlatStep, flat_step
+from qkv.models.common import attention_modules
+from qkv.models.gpt import GPT, PRESETS, GPTConfig
+from tests.conftest import ATOL
+from tests.generate.conftest import tiny
+
+# "tiny": every product under the oneDNN threshold (F.linear); "wide": every layer's products
+# over it (oneDNN where PyTorch has it), so both kernels are held to the module path.
+SIZES = {
+    "tiny": PRESETS["tiny"],
+    "wide": GPTConfig(vocab_size=300, d_model=512, n_layers=2, n_heads=8, max_seq_len=64),
+}
+
+
+def _model(size: str) -> GPT:
+    model = GPT(SIZES[size]).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init, so that logits differ visibly
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5 / p.shape[1] ** 0.5)  # matrices and embeddings
+            else:
+                p.add_(torch.randn_like(p), alpha=0.1)  # biases, and norm gains around 1
+    return model
+
+
+def _logits_per_step(
+    model: GPT,
+    prompt: torch.Tensor,
+    mask: torch.Tensor | None,
+    tokens: torch.Tensor,
+    *,
+    flat: bool,
+    static_cache: bool,
+) -> torch.Tensor:
+    runner = CachedDecoder(
+        model, prompt, mask, max_new_tokens=tokens.shape[1] + 1, static_cache=static_cache,
+        flat=flat,
+    )  # fmt: skip
+    assert (runner.flat_step is not None) == flat
+    with torch.inference_mode(), fused_projections(attention_modules(model)):
+        steps = [runner.prefill()]
+        steps += [runner.step(tokens[:, i]) for i in range(tokens.shape[1])]
+    return torch.stack(steps, dim=1).clone()  # (B, 1 + steps, V)
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_flat_step_equals_the_module_step(size: str, padded: bool, static_cache: bool) -> None:
+    model = _model(size)
+    v = model.config.vocab_size
+    prompt = torch.randint(0, v, (3, 7))
+    mask = None
+    if padded:  # left padding: rows of 7, 4 and 1 real tokens
+        mask = torch.ones(3, 7, dtype=torch.long)
+        mask[1, :3] = 0
+        mask[2, :6] = 0
+    tokens = torch.randint(0, v, (3, 6))
+    flat = _logits_per_step(model, prompt, mask, tokens, flat=True, static_cache=static_cache)
+    plain = _logits_per_step(model, prompt, mask, tokens, flat=False, static_cache=static_cache)
+    assert flat.abs().max() > 1.0  # logits of a visible size, so that the tolerance means something
+    torch.testing.assert_close(flat, plain, atol=ATOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"num_beams": 3, "length_penalty": 0.8},
+        {"do_sample": True, "seed": 7, "top_p": 0.9, "temperature": 1.3},
+        {"repetition_penalty": 1.4, "static_cache": True},
+    ],
+)
+def test_generate_gives_the_same_tokens_with_and_without_the_flat_step(
+    options: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model("tiny")
+    prompt = torch.randint(0, 128, (2, 6))
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    kwargs = {"max_new_tokens": 12, "eos_token_id": [], **options}
+    flat = model.generate(prompt, mask, **kwargs)
+    monkeypatch.setattr(cached_module, "flat_step", lambda model: None)
+    plain = model.generate(prompt, mask, **kwargs)
+    assert torch.equal(flat, plain)
+
+
+def test_flat_step_follows_parameter_changes_between_generations() -> None:
+    model = _model("tiny")
+    prompt = torch.randint(0, 128, (1, 5))
+    before = _logits_per_step(model, prompt, None, prompt, flat=True, static_cache=False)
+    with torch.no_grad():
+        model.layers[0].self_attn.k_proj.weight.add_(1.0)  # an in-place update, as a step makes
+    after = _logits_per_step(model, prompt, None, prompt, flat=True, static_cache=False)
+    reference = _logits_per_step(model, prompt, None, prompt, flat=False, static_cache=False)
+    assert not torch.allclose(before[:, 1:], after[:, 1:])
+    torch.testing.assert_close(after, reference, atol=ATOL[torch.float32], rtol=0)
+
+
+class _MyGPT(GPT):
+    pass
+
+
+def test_flat_step_is_taken_only_for_a_stock_gpt() -> None:
+    assert isinstance(flat_step(_model("tiny")), GPTFlatStep)
+    assert flat_step(_MyGPT(PRESETS["tiny"]).eval()) is None  # may change forward
+    assert flat_step(GPT(PRESETS["tiny"]).train()) is None
+    reference = GPT(replace(PRESETS["tiny"], attn_impl="reference")).eval()
+    assert flat_step(reference) is None  # the caller asked for another attention
+    hooked = _model("tiny")
+    hooked.layers[1].mlp.register_forward_hook(lambda module, args, out: None)
+    assert flat_step(hooked) is None  # the hook must see its module run
+    capturing = _model("tiny")
+    capturing.layers[0].self_attn.capture_weights = True
+    assert flat_step(capturing) is None
+    for family in ("llama", "prefix_lm"):
+        assert flat_step(tiny(family)) is None
