@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import qkv._kernels as kernels
 from qkv._kernels import (
     ONEDNN_MIN_ENTRIES,
     bound_linear,
@@ -73,3 +74,31 @@ def test_other_dtypes_and_mixed_inputs_fall_back_to_f_linear() -> None:
         torch.testing.assert_close(inference_linear(x, weight), F.linear(x, weight), atol=0, rtol=0)
         with pytest.raises(RuntimeError):  # a dtype mismatch is F.linear's clear error
             inference_linear(x.float(), weight)
+
+
+def test_with_gradients_wanted_it_is_f_linear_and_gradients_flow() -> None:
+    weight = torch.randn(1024, 512, requires_grad=True)
+    x = torch.randn(2, 512, requires_grad=True)
+    inference_linear(x, weight).sum().backward()
+    grads = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    F.linear(x, weight).sum().backward()
+    torch.testing.assert_close(grads[0], x.grad, atol=0, rtol=0)
+    torch.testing.assert_close(grads[1], weight.grad, atol=0, rtol=0)
+
+
+def test_without_onednn_it_falls_back_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    kernels._onednn_op.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="qkv._kernels"):
+            assert not onednn_available()
+        assert "no oneDNN" in caplog.text and "torch.nn.functional.linear" in caplog.text
+        weight = torch.randn(1024, 512)
+        assert linear_kernel(weight) is F.linear
+        x = torch.randn(3, 512)
+        torch.testing.assert_close(inference_linear(x, weight), F.linear(x, weight))
+    finally:
+        kernels._onednn_op.cache_clear()  # the next caller probes the real build again

@@ -129,13 +129,16 @@ class GPTFlatStep:
         else:
             pos = F.embedding(position[:, 0], self.pos_emb)  # (N, D)
         x = F.embedding(tokens, self.tok_emb) + pos  # (N, D)
-        # True = may attend; a single new query sees every cached key, so no causal mask.
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        mask = None  # True = may attend; one new query sees every cached key: no causal mask
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]  # (N, 1, 1, S)
         for w, layer_cache in zip(self.layers, cache, strict=True):
             a = torch.layer_norm(x, (d,), *w.norm1, self.eps)  # (N, D)
             q, k, v = w.qkv(a).view(n, 3, h, 1, e).unbind(1)  # (N, H, 1, E) each
             k, v = layer_cache.update(k, v)  # (N, H, S, E)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            a = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale
+            )  # (N, H, 1, E)
             x = x + w.out(a.view(n, h * e))  # (N, D)
             a = torch.layer_norm(x, (d,), *w.norm2, self.eps)  # (N, D)
             x = x + w.down(self.act(w.up(a)))  # (N, D)
