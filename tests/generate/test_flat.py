@@ -13,7 +13,7 @@ from qkv.generate.cached import CachedDecoder
 from qkv.generate.flat import GPTFlatStep, flat_step
 from qkv.models.common import attention_modules
 from qkv.models.gpt import GPT, PRESETS, GPTConfig
-from tests.conftest import ATOL
+from tests.conftest import ATOL, HALF_FACTOR
 from tests.generate.conftest import tiny
 
 # "tiny": every product under the oneDNN threshold (F.linear); "wide": every layer's products
@@ -126,3 +126,26 @@ def test_flat_step_is_taken_only_for_a_stock_gpt() -> None:
     assert flat_step(capturing) is None
     for family in ("llama", "prefix_lm"):
         assert flat_step(tiny(family)) is None
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_flat_step_in_bfloat16_is_as_accurate_as_the_module_step(size: str) -> None:
+    model = _model(size)
+    v = model.config.vocab_size
+    prompt, tokens = torch.randint(0, v, (2, 5)), torch.randint(0, v, (2, 4))
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    model = model.bfloat16()
+    exact = _logits_per_step(
+        _from(model, torch.float64), prompt, mask, tokens, flat=False, static_cache=False
+    )  # the same bfloat16-rounded weights, computed in float64
+    flat = _logits_per_step(model, prompt, mask, tokens, flat=True, static_cache=False)
+    plain = _logits_per_step(model, prompt, mask, tokens, flat=False, static_cache=False)
+    flat_err = (flat.double() - exact).abs().max().item()
+    plain_err = (plain.double() - exact).abs().max().item()
+    assert flat_err <= HALF_FACTOR * plain_err, (flat_err, plain_err)
+
+
+def _from(model: GPT, dtype: torch.dtype) -> GPT:
+    copy = GPT(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy.to(dtype)
