@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qkv.attention.fused import fused_projections
 from qkv.attention.kv_cache import KVCache
-from qkv.attention.multihead import MultiHeadAttention, fused_projections
+from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks.block import DecoderLayer
 from qkv.generate.cached import CachedDecoder
 from qkv.models.common import attention_modules

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qkv.generate.cached as cached_module
-from qkv.attention.multihead import fused_projections
+from qkv.attention.fused import fused_projections
 from qkv.generate.cached import CachedDecoder
 from qkv.generate.flat import GPTFlatStep, flat_step
 from qkv.models.common import attention_modules

@@ -33,9 +33,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from qkv._kernels import inference_linear
 from qkv.attention.backends import repeat_kv
 from qkv.attention.core import reference_attention, scaled_dot_product_attention
+from qkv.attention.fused import FusedQKV, fused_output, fused_self_projections
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.masks import causal as causal_mask
 
@@ -43,7 +43,6 @@ __all__ = [
     "MultiHeadAttention",
     "QKRotation",
     "ScoreBias",
-    "fused_projections",
     "recording_weights",
 ]
 
@@ -146,10 +145,7 @@ class MultiHeadAttention(nn.Module):
         self.capture_weights = False
         self.last_weights: Tensor | None = None
         self.fuse_projections = False  # set by fused_projections (generation)
-        # (parameter key, [W_Q W_K W_V]^T, their biases, W_O^T, its bias): see _fused_weights;
-        # not in the state_dict.
-        self._fused: tuple[tuple[tuple[int, int, torch.dtype], ...], Tensor, Tensor | None] | None
-        self._fused = None
+        self._fused: FusedQKV | None = None  # stacked q/k/v weights (fused.py), not saved
         # With capture_values too, the capture also keeps v and the heads' fast output, so that
         # qkv.viz.capture can check weights @ v == output.
         self.capture_values = False
@@ -168,12 +164,12 @@ class MultiHeadAttention(nn.Module):
         """Self-attention's q = x W_Q, k = x W_K, v = x W_V, split into heads.
 
         Inside ``fused_projections`` (generation enters it) and without gradients, the three
-        maps run as one matrix product with the weights side by side (``_fused_projections``);
+        maps run as one matrix product with the weights stacked (``qkv.attention.fused``);
         otherwise as three ``nn.Linear`` calls (``_plain_projections``, the reference). Both
         give the same q, k, v.
         """
         if self.fuse_projections and not torch.is_grad_enabled():
-            return self._fused_projections(x)
+            return fused_self_projections(self, x)
         return self._plain_projections(x)
 
     def _plain_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,55 +179,8 @@ class MultiHeadAttention(nn.Module):
         v = self._split_heads(self.v_proj(x), self.n_kv_heads)  # (B, K, T, E)
         return q, k, v
 
-    def _fused_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Fast path of ``_plain_projections``: one product with [W_Q W_K W_V], then three views.
-
-        Saves two calls per layer on each decoding step, where a token costs microseconds of
-        dispatch per call, and runs on ``inference_linear``, the kernel that reads weights
-        fastest on a CPU (see ``qkv._kernels``). The concatenated weight ((H + 2K) E, D) is
-        kept, and rebuilt when a projection's parameters change.
-        """
-        assert self._fused is not None, "enter fused_projections first"
-        _, weight, bias = self._fused  # ((H + 2K) E, D), ((H + 2K) E,) or None
-        qkv = inference_linear(x, weight, bias)  # (B, T, (H + 2K) E)
-        hq, hk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q = self._split_heads(qkv[..., :hq], self.n_heads)  # (B, H, T, E)
-        k = self._split_heads(qkv[..., hq : hq + hk], self.n_kv_heads)  # (B, K, T, E)
-        v = self._split_heads(qkv[..., hq + hk :], self.n_kv_heads)  # (B, K, T, E)
-        return q, k, v
-
-    def _fused_output(self, out: Tensor) -> Tensor:
-        """Fast path of ``out_proj(out)``, (B, T, H E) -> (B, T, D): the same weights on
-        ``inference_linear``, and no module call."""
-        return inference_linear(out, self.out_proj.weight, self.out_proj.bias)  # (B, T, D)
-
-    def _fused_weights(self) -> None:
-        """Build [W_Q W_K W_V] (and the biases side by side); cached until they change.
-
-        ``fused_projections`` calls it on entry, so the parameters are compared once per
-        generation, not once per token. The cache is keyed on each parameter's storage and
-        version counter: an optimizer step, ``load_state_dict``, ``.to(...)`` or any in-place
-        write to a parameter rebuilds it. (Writes through ``param.data`` bypass the version
-        counter, as they bypass autograd's own checks; call ``clear_fused_cache()`` after them.)
-        """
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        params = [p for m in projections for p in (m.weight, m.bias) if p is not None]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if self._fused is None or self._fused[0] != key:
-            with torch.no_grad():
-                weight = torch.cat([m.weight for m in projections])  # ((H + 2K) E, D)
-                bias = None
-                if any(m.bias is not None for m in projections):
-                    bias = torch.cat(
-                        [
-                            m.weight.new_zeros(m.out_features) if m.bias is None else m.bias
-                            for m in projections
-                        ]
-                    )  # ((H + 2K) E,)
-            self._fused = (key, weight, bias)
-
     def clear_fused_cache(self) -> None:
-        """Drop the fused weights (``fused_projections`` rebuilds them on entry)."""
+        """Drop the stacked q/k/v weights (``fused_projections`` rebuilds them on entry)."""
         self._fused = None
 
     # --8<-- [end:projections]
@@ -311,7 +260,7 @@ class MultiHeadAttention(nn.Module):
                 self.last_output = out.detach()  # (B, H, T, E)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H * E)
         if self.fuse_projections and not torch.is_grad_enabled():
-            return self._fused_output(out)  # (B, T, D)
+            return fused_output(self, out)  # (B, T, D)
         return self.out_proj(out)  # (B, T, D)
 
     # --8<-- [end:forward]
@@ -371,48 +320,3 @@ def recording_weights(
             m.capture_weights = was
             if not was:
                 m.last_weights = None  # the caller holds its copy; do not keep (B, H, T, S) alive
-
-
-# --8<-- [start:fused_projections]
-@contextmanager
-def fused_projections(modules: Sequence[MultiHeadAttention]) -> Iterator[None]:
-    """Run the projections of ``modules`` from fused weights while the block runs: q, k and v
-    of self-attention as one matrix product, and every projection on ``inference_linear``
-    (in no-grad forwards only: with gradients the plain ``nn.Linear`` path runs).
-
-    A decoding step costs a few microseconds per operation dispatched, so at small sizes three
-    projections cost about three times one; at large sizes the step is bound by how fast the
-    kernel reads the weights, and ``inference_linear`` picks the fastest (``qkv._kernels``).
-    The price is memory: a copy of W_Q, W_K and W_V per module, kept (outside the state_dict)
-    for the next generation; free it with ``clear_fused_cache()``. On entry each module's copy
-    is checked against its parameters (rebuilt if they changed); inside the block the
-    parameters must not change. Generation (``qkv.generate``) enters it around the decoding
-    loop.
-
-    Args:
-        modules: the attention modules to switch, e.g. ``attention_modules(model)``.
-
-    Example:
-        >>> import torch
-        >>> mha = MultiHeadAttention(d_model=8, n_heads=2).eval()
-        >>> x = torch.randn(1, 3, 8)
-        >>> with torch.no_grad():
-        ...     plain = mha(x, causal=True)
-        ...     with fused_projections([mha]):
-        ...         fused = mha(x, causal=True)
-        >>> bool(torch.allclose(plain, fused, atol=1e-6)), mha.fuse_projections
-        (True, False)
-    """
-    modules = [m for m in modules if m.k_proj.in_features == m.d_model]  # self-attention shapes
-    before = [m.fuse_projections for m in modules]
-    try:
-        for m in modules:
-            m._fused_weights()  # rebuilt here if the parameters changed
-            m.fuse_projections = True
-        yield
-    finally:
-        for m, was in zip(modules, before, strict=True):
-            m.fuse_projections = was
-
-
-# --8<-- [end:fused_projections]

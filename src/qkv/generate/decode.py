@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from qkv.attention.multihead import fused_projections
+from qkv.attention.fused import fused_projections
 from qkv.generate.beam import beam_search
 from qkv.generate.cached import (
     CachedDecoder,

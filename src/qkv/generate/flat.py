@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv._kernels import bound_linear
+from qkv.attention.fused import fused_qkv
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks.block import DecoderLayer
@@ -65,12 +66,10 @@ def _layer_weights(layer: nn.Module) -> _LayerWeights:
     assert isinstance(layer, DecoderLayer) and isinstance(layer.mlp, FeedForward)
     norm1, norm2, attn, mlp = layer.attn_norm, layer.mlp_norm, layer.self_attn, layer.mlp
     assert isinstance(norm1, nn.LayerNorm) and isinstance(norm2, nn.LayerNorm)
-    attn._fused_weights()  # the concatenated [W_Q W_K W_V], rebuilt if stale
-    assert attn._fused is not None
-    _, w_qkv, b_qkv = attn._fused
+    stacked = fused_qkv(attn)  # [W_Q; W_K; W_V], rebuilt if stale
     return _LayerWeights(
         norm1=(norm1.weight, norm1.bias),
-        qkv=bound_linear(w_qkv, b_qkv),
+        qkv=bound_linear(stacked.weight, stacked.bias),
         out=bound_linear(attn.out_proj.weight, attn.out_proj.bias),
         norm2=(norm2.weight, norm2.bias),
         up=bound_linear(mlp.up_proj.weight, mlp.up_proj.bias),
