@@ -10,6 +10,7 @@ take turns within each repeat, so a load spike on a shared machine hits both.
 
     python benchmarks/generation.py [--new-tokens 256] [--repeat 3] [--threads N]
                                     [--dtypes float32,bfloat16] [--clock wall|cpu]
+                                    [--families gpt2,llama]
     python benchmarks/generation.py --layouts    (matrix-vector kernels and weight layouts)
 """
 
@@ -26,13 +27,43 @@ import torch
 import qkv
 
 # The small model has a character-level vocabulary (256), like the main job's model; GPT-2 small
-# keeps GPT-2's 50257 tokens.
+# keeps GPT-2's 50257 tokens. The LLaMA-style rows (``--families gpt2,llama``) have the same
+# widths and depths, grouped-query attention (a third of the heads for keys and values) and a
+# gated MLP of about 8/3 D, with a 32000-token vocabulary at the larger size.
 SIZES = {
-    "small (L=4, H=4, d=128, V=256)": {"n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 256},
-    "gpt2-small (L=12, H=12, d=768)": {
-        "n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257,
+    "gpt2": {
+        "small (L=4, H=4, d=128, V=256)": {
+            "n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 256,
+        },
+        "gpt2-small (L=12, H=12, d=768)": {
+            "n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257,
+        },
+    },
+    "llama": {
+        "llama small (L=4, H=4, K=2, d=128)": {
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "hidden_size": 128, "intermediate_size": 344, "vocab_size": 256,
+        },
+        "llama (L=12, H=12, K=4, d=768)": {
+            "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
+            "hidden_size": 768, "intermediate_size": 2048, "vocab_size": 32000,
+        },
     },
 }  # fmt: skip
+
+
+def build_hf(family: str, size: dict[str, int]) -> torch.nn.Module:
+    """A transformers model of ``family`` with random weights (seeded by the caller)."""
+    import transformers as tf
+
+    if family == "gpt2":
+        config = tf.GPT2Config(n_positions=1024, bos_token_id=None, eos_token_id=None, **size)
+        return tf.GPT2LMHeadModel(config).eval()
+    config = tf.LlamaConfig(
+        max_position_embeddings=1024, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+        **size,
+    )  # fmt: skip
+    return tf.LlamaForCausalLM(config).eval()
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -52,13 +83,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def measure(name: str, size: dict[str, int], dtype: torch.dtype, args: argparse.Namespace) -> None:
+def measure(
+    name: str, family: str, size: dict[str, int], dtype: torch.dtype, args: argparse.Namespace
+) -> None:
     """Build one size in transformers, load it into qkv, time both, print two rows."""
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+    from transformers import GenerationConfig
 
     torch.manual_seed(0)
-    config = GPT2Config(n_positions=1024, bos_token_id=None, eos_token_id=None, **size)
-    hf = GPT2LMHeadModel(config).eval()
+    hf = build_hf(family, size)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = qkv.from_pretrained(tmp)
@@ -152,6 +184,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
+    parser.add_argument("--families", default="gpt2", help=f"comma-separated, of {sorted(SIZES)}")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall",
         help="cpu: process CPU time, for a shared machine (use with --threads 1)",
@@ -180,9 +213,14 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for name, size in SIZES.items():
-        for dtype in dtypes:
-            measure(name, size, dtype, args)
+    families = args.families.split(",")
+    unknown = sorted(set(families) - set(SIZES))
+    if unknown:
+        parser.error(f"unknown families {unknown}; choose from {sorted(SIZES)}")
+    for family in families:
+        for name, size in SIZES[family].items():
+            for dtype in dtypes:
+                measure(name, family, size, dtype, args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""GPT's flat decoding step (``qkv.generate.flat``) against the module path it replaces."""
+"""The flat decoding step (``qkv.generate.flat``) against the module path it replaces, for GPT,
+LLaMA (grouped-query attention, RoPE, RMSNorm, gated MLP) and Mistral (a sliding window)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,32 @@ import torch
 import qkv.generate.cached as cached_module
 from qkv.attention.fused import fused_projections
 from qkv.generate.cached import CachedDecoder
-from qkv.generate.flat import GPTFlatStep, flat_step
+from qkv.generate.flat import FlatDecoderStep, flat_step
+from qkv.models import llama
 from qkv.models.common import attention_modules
 from qkv.models.gpt import GPT, PRESETS, GPTConfig
 from tests.conftest import ATOL, HALF_FACTOR
 from tests.generate.conftest import tiny
 
-# "tiny": every product under the oneDNN threshold (F.linear); "wide": every layer's products
-# over it (oneDNN where PyTorch has it), so both kernels are held to the module path.
+# "tiny": every product under the oneDNN threshold (F.linear); "wide": the attention's and the
+# MLP's products over it (oneDNN where PyTorch has it), so both kernels are held to the module
+# path. Mistral's window (4) is narrower than prompt + steps, so that the window mask matters.
+LLAMA_TINY = llama.PRESETS["tiny"]
 SIZES = {
-    "tiny": PRESETS["tiny"],
-    "wide": GPTConfig(vocab_size=300, d_model=512, n_layers=2, n_heads=8, max_seq_len=64),
+    "gpt-tiny": PRESETS["tiny"],
+    "gpt-wide": GPTConfig(vocab_size=300, d_model=512, n_layers=2, n_heads=8, max_seq_len=64),
+    "llama-tiny": LLAMA_TINY,
+    "llama-wide": replace(LLAMA_TINY, d_model=512, n_heads=8, n_kv_heads=2, d_ff=1024),
+    "mistral-tiny": replace(LLAMA_TINY, sliding_window=4),
 }
 
 
-def _model(size: str) -> GPT:
-    model = GPT(SIZES[size]).eval()
+def _build(config: GPTConfig | llama.LlamaConfig) -> GPT | llama.Llama:
+    return GPT(config) if isinstance(config, GPTConfig) else llama.Llama(config)
+
+
+def _model(size: str) -> GPT | llama.Llama:
+    model = _build(SIZES[size]).eval()
     with torch.no_grad():  # larger weights than GPT-2's init, so that logits differ visibly
         for p in model.parameters():
             if p.dim() == 2:
@@ -36,7 +47,7 @@ def _model(size: str) -> GPT:
 
 
 def _logits_per_step(
-    model: GPT,
+    model: GPT | llama.Llama,
     prompt: torch.Tensor,
     mask: torch.Tensor | None,
     tokens: torch.Tensor,
@@ -74,6 +85,7 @@ def test_flat_step_equals_the_module_step(size: str, padded: bool, static_cache:
     torch.testing.assert_close(flat, plain, atol=ATOL[torch.float32], rtol=0)
 
 
+@pytest.mark.parametrize("size", ["gpt-tiny", "llama-tiny", "mistral-tiny"])
 @pytest.mark.parametrize(
     "options",
     [
@@ -84,9 +96,9 @@ def test_flat_step_equals_the_module_step(size: str, padded: bool, static_cache:
     ],
 )
 def test_generate_gives_the_same_tokens_with_and_without_the_flat_step(
-    options: dict, monkeypatch: pytest.MonkeyPatch
+    size: str, options: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = _model("tiny")
+    model = _model(size)
     prompt = torch.randint(0, 128, (2, 6))
     mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
     kwargs = {"max_new_tokens": 12, "eos_token_id": [], **options}
@@ -97,7 +109,7 @@ def test_generate_gives_the_same_tokens_with_and_without_the_flat_step(
 
 
 def test_flat_step_follows_parameter_changes_between_generations() -> None:
-    model = _model("tiny")
+    model = _model("llama-tiny")
     prompt = torch.randint(0, 128, (1, 5))
     before = _logits_per_step(model, prompt, None, prompt, flat=True, static_cache=False)
     with torch.no_grad():
@@ -112,19 +124,20 @@ class _MyGPT(GPT):
     pass
 
 
-def test_flat_step_is_taken_only_for_a_stock_gpt() -> None:
-    assert isinstance(flat_step(_model("tiny")), GPTFlatStep)
+def test_flat_step_is_taken_only_for_stock_models() -> None:
+    for size in SIZES:
+        assert isinstance(flat_step(_model(size)), FlatDecoderStep)
     assert flat_step(_MyGPT(PRESETS["tiny"]).eval()) is None  # may change forward
     assert flat_step(GPT(PRESETS["tiny"]).train()) is None
-    reference = GPT(replace(PRESETS["tiny"], attn_impl="reference")).eval()
+    reference = llama.Llama(replace(LLAMA_TINY, attn_impl="reference")).eval()
     assert flat_step(reference) is None  # the caller asked for another attention
-    hooked = _model("tiny")
+    hooked = _model("gpt-tiny")
     hooked.layers[1].mlp.register_forward_hook(lambda module, args, out: None)
     assert flat_step(hooked) is None  # the hook must see its module run
-    capturing = _model("tiny")
+    capturing = _model("llama-tiny")
     capturing.layers[0].self_attn.capture_weights = True
     assert flat_step(capturing) is None
-    for family in ("llama", "prefix_lm"):
+    for family in ("prefix_lm", "t5", "bart"):
         assert flat_step(tiny(family)) is None
 
 
@@ -145,7 +158,7 @@ def test_flat_step_in_bfloat16_is_as_accurate_as_the_module_step(size: str) -> N
     assert flat_err <= HALF_FACTOR * plain_err, (flat_err, plain_err)
 
 
-def _from(model: GPT, dtype: torch.dtype) -> GPT:
-    copy = GPT(model.config).eval()
+def _from(model: GPT | llama.Llama, dtype: torch.dtype) -> GPT | llama.Llama:
+    copy = _build(model.config).eval()
     copy.load_state_dict(model.state_dict())
     return copy.to(dtype)

@@ -1,29 +1,33 @@
-"""GPT's decoding step written flat: one token per row through the whole model as plain calls.
+"""A decoder's decoding step written flat: one token per row through the model as plain calls.
 
-    x = tok_emb[token] + pos_emb[position]                               (N, D)
+    x = tok_emb[token] (+ pos_emb[position], GPT)                          (N, D)
     for each layer:
-        q, k, v = split(LayerNorm_1(x) [W_Q W_K W_V]^T + b)              (N, H, 1, E) each
-        k, v    = cache.append(k, v)                                     (N, H, S, E)
-        x       = x + softmax(q k^T / sqrt(E) + padding) v W_O^T + b_O   (N, D)
-        x       = x + act(LayerNorm_2(x) W_1^T + b_1) W_2^T + b_2        (N, D)
-    logits = LayerNorm_f(x) W_E^T                                        (N, V)
+        q, k, v = split(Norm_1(x) [W_Q; W_K; W_V]^T + b)                   (N, H or K, 1, E)
+        q, k    = rotate(q, k, position)              (RoPE: LLaMA, Mistral)
+        k, v    = cache.append(k, v)                                       (N, K, S, E)
+        x       = x + softmax(q k^T / sqrt(E) + mask) v W_O^T + b_O        (N, D)
+        x       = x + MLP(Norm_2(x))                                       (N, D)
+    logits = Norm_f(x) W_out^T                                             (N, V)
 
-This is ``GPT.forward`` specialised to what a decoding step is: one new position per row, a
-key/value cache, inference. It computes the same logits (the tests hold it to the module path
-within float32 rounding, and to the same greedy tokens), but it is not the place to learn the
-model: read ``qkv.models.gpt`` and ``qkv.blocks.block`` for that. It exists because, at small
-sizes, a decoding step is dominated by Python: the module path makes about 30 module calls and
-several checks per token, each costing microseconds, while the arithmetic of a small model
-costs less. Written as one loop over the weights, the step makes only the calls that do work,
-and every matrix product runs on the kernel that reads its weights fastest on a CPU, chosen
-once per weight (``qkv._kernels``). ``benchmarks/generation.py`` measures both effects.
+This is the forward of a pre-norm decoder-only model (``qkv.models.gpt.GPT``,
+``qkv.models.llama.Llama``, Mistral's windowed Llama) specialised to what a decoding step is:
+one new position per row, a key/value cache, inference. It computes the same logits (the tests
+hold it to the module path within float32 rounding, and to the same tokens), but it is not the
+place to learn the models: read ``qkv.models`` and ``qkv.blocks.block`` for that. It exists
+because, at small sizes, a decoding step is dominated by Python: the module path makes about 30
+module calls and several checks per token, each costing microseconds, while the arithmetic of a
+small model costs less. Written as one loop over the weights, the step makes only the calls
+that do work, computes RoPE's angles once per step instead of once per layer (and rotates q
+and k in one call), uses PyTorch's fused RMSNorm for ``rms_norm``, and runs every
+matrix product on the kernel that reads its weights fastest on a CPU, chosen once per weight
+(``qkv._kernels``). ``benchmarks/generation.py`` measures the effect.
 
-Generation uses it for a ``GPT`` whose parts are the stock ones (checked by ``flat_step``);
-anything else (a subclass, hooks, another attention implementation, LLaMA, Prefix-LM, encoder-
-decoders) decodes through its modules.
+Generation takes it for a model of a type in ``FLAT_MODELS`` whose parts are the stock ones
+(checked by ``flat_step``); anything else (a subclass, hooks, another attention implementation,
+attention capture, Prefix-LM, encoder-decoders) decodes through its modules.
 
 Shape legend: N rows (batch, or batch times beams) · S cached positions · D model width ·
-H heads · E head dim · F MLP hidden width · V vocabulary.
+H query heads · K key/value heads · E head dim · F MLP hidden width · V vocabulary.
 """
 
 from __future__ import annotations
@@ -36,70 +40,96 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv._kernels import bound_linear
+from qkv.attention import masks
 from qkv.attention.fused import fused_qkv
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks.block import DecoderLayer
-from qkv.blocks.mlp import FeedForward
+from qkv.blocks.mlp import FeedForward, GatedFeedForward
+from qkv.blocks.norms import RMSNorm
 from qkv.models.gpt import GPT
+from qkv.models.llama import Llama
+from qkv.positional.rope import RotaryEmbedding, apply_rotary
 
-__all__ = ["GPTFlatStep", "flat_step"]
+__all__ = ["FLAT_MODELS", "FlatDecoderStep", "flat_step"]
 
+FLAT_MODELS: tuple[type[nn.Module], ...] = (GPT, Llama)  # exactly these types, not subclasses
 
-Linear = Callable[[Tensor], Tensor]
-
-
-class _LayerWeights(NamedTuple):
-    """What one decoder layer's step reads, in the order it reads it: each norm's gain and
-    shift (D,), and each projection bound to its weight, bias and kernel (``bound_linear``)."""
-
-    norm1: tuple[Tensor, Tensor | None]  # LayerNorm_1
-    qkv: Linear  # x [W_Q W_K W_V]^T + b, (N, D) -> (N, 3 H E)
-    out: Linear  # x W_O^T + b_O, (N, H E) -> (N, D)
-    norm2: tuple[Tensor, Tensor | None]  # LayerNorm_2
-    up: Linear  # x W_1^T + b_1, (N, D) -> (N, F)
-    down: Linear  # x W_2^T + b_2, (N, F) -> (N, D)
+Fn = Callable[[Tensor], Tensor]
 
 
-def _layer_weights(layer: nn.Module) -> _LayerWeights:
-    """Gather one stock pre-norm layer's weights (see ``_stock_layer``)."""
-    assert isinstance(layer, DecoderLayer) and isinstance(layer.mlp, FeedForward)
-    norm1, norm2, attn, mlp = layer.attn_norm, layer.mlp_norm, layer.self_attn, layer.mlp
-    assert isinstance(norm1, nn.LayerNorm) and isinstance(norm2, nn.LayerNorm)
+class _LayerSteps(NamedTuple):
+    """One layer's parts as functions of a (N, width) tensor, each bound to its weights."""
+
+    norm1: Fn  # attn_norm, (N, D) -> (N, D)
+    qkv: Fn  # x [W_Q; W_K; W_V]^T + b, (N, D) -> (N, (H + 2K) E)
+    out: Fn  # x W_O^T + b_O, (N, H E) -> (N, D)
+    norm2: Fn  # mlp_norm, (N, D) -> (N, D)
+    mlp: Fn  # (N, D) -> (N, D)
+
+
+def _norm(module: nn.Module) -> Fn:
+    """LayerNorm or RMSNorm as a function, with the module's weights bound."""
+    if isinstance(module, nn.LayerNorm):
+        shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+        return lambda x: torch.layer_norm(x, shape, weight, bias, eps)
+    assert isinstance(module, RMSNorm)
+    gain, rms_eps = module.weight, module.eps  # PyTorch's fused kernel for qkv's rms_norm
+    return lambda x: F.rms_norm(x, gain.shape, gain, rms_eps)
+
+
+def _mlp(module: nn.Module) -> Fn:
+    """The plain or the gated feed-forward network as a function."""
+    assert isinstance(module, (FeedForward, GatedFeedForward))
+    act = module.act
+    up = bound_linear(module.up_proj.weight, module.up_proj.bias)
+    down = bound_linear(module.down_proj.weight, module.down_proj.bias)
+    if isinstance(module, GatedFeedForward):
+        gate = bound_linear(module.gate_proj.weight, module.gate_proj.bias)
+        return lambda x: down(act(gate(x)) * up(x))  # (N, D)
+    return lambda x: down(act(up(x)))  # (N, D)
+
+
+def _layer_steps(layer: nn.Module) -> _LayerSteps:
+    """Gather one stock pre-norm layer's parts (see ``_stock_layer``)."""
+    assert isinstance(layer, DecoderLayer)
+    attn = layer.self_attn
     stacked = fused_qkv(attn)  # [W_Q; W_K; W_V], rebuilt if stale
-    return _LayerWeights(
-        norm1=(norm1.weight, norm1.bias),
+    return _LayerSteps(
+        norm1=_norm(layer.attn_norm),
         qkv=bound_linear(stacked.weight, stacked.bias),
         out=bound_linear(attn.out_proj.weight, attn.out_proj.bias),
-        norm2=(norm2.weight, norm2.bias),
-        up=bound_linear(mlp.up_proj.weight, mlp.up_proj.bias),
-        down=bound_linear(mlp.down_proj.weight, mlp.down_proj.bias),
+        norm2=_norm(layer.mlp_norm),
+        mlp=_mlp(layer.mlp),
     )
 
 
-class GPTFlatStep:
-    """One decoding step of a ``GPT``, as plain calls over its weights (see the module doc).
+class FlatDecoderStep:
+    """One decoding step of a GPT or a Llama, as plain calls over its weights (see the module
+    docstring).
 
-    Built once per generation, inside ``fused_projections`` or not (it builds the attention
-    modules' fused weights itself); the model's parameters must not change while it is used.
+    Built once per generation; the model's parameters must not change while it is used.
 
     Args:
-        model: a ``GPT`` that ``flat_step`` accepts.
+        model: a model that ``flat_step`` accepts.
     """
 
-    def __init__(self, model: GPT) -> None:
-        c = model.config
-        self.d_model, self.n_heads, self.head_dim = c.d_model, c.n_heads, c.head_dim
-        self.eps = c.norm_eps
+    def __init__(self, model: Any) -> None:
+        first = model.layers[0].self_attn
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            first.n_heads,
+            first.n_kv_heads,
+            first.head_dim,
+        )
+        self.scale = first.scale  # None: 1 / sqrt(E)
+        self.rotary: RotaryEmbedding | None = first.rotary  # shared by every layer
+        pos_emb = getattr(model, "pos_emb", None)  # GPT's learned positions
+        self.pos_emb = None if pos_emb is None else pos_emb.emb.weight  # (max_seq_len, D)
+        self.window: int | None = getattr(model.config, "sliding_window", None)  # Mistral
         self.tok_emb = model.tok_emb.weight  # (V, D)
-        self.pos_emb = model.pos_emb.emb.weight  # (max_seq_len, D)
-        self.final_norm = (model.final_norm.weight, model.final_norm.bias)
-        self.lm_head = bound_linear(model.lm_head.weight)  # x W_E^T, (N, D) -> (N, V)
-        self.layers = [_layer_weights(layer) for layer in model.layers]
-        first = model.layers[0]
-        assert isinstance(first, DecoderLayer) and isinstance(first.mlp, FeedForward)
-        self.scale = first.self_attn.scale  # None: 1 / sqrt(E)
-        self.act: Callable[[Tensor], Tensor] = first.mlp.act
+        self.layers = [_layer_steps(layer) for layer in model.layers]
+        self.final_norm = _norm(model.final_norm)
+        self.lm_head = bound_linear(model.lm_head.weight, model.lm_head.bias)  # (N, D) -> (N, V)
 
     # --8<-- [start:step]
     def __call__(
@@ -122,27 +152,35 @@ class GPTFlatStep:
         Returns:
             Logits (N, V).
         """
-        n, d, h, e = tokens.shape[0], self.d_model, self.n_heads, self.head_dim
-        if position is None:
-            pos = self.pos_emb[cache[0].seq_len]  # (D,), the same for every row
-        else:
-            pos = F.embedding(position[:, 0], self.pos_emb)  # (N, D)
-        x = F.embedding(tokens, self.tok_emb) + pos  # (N, D)
+        n, h, kh, e = tokens.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        s = cache[0].seq_len + 1  # keys once the new one is appended
+        pos = torch.tensor([s - 1], device=tokens.device) if position is None else position
+        x = F.embedding(tokens, self.tok_emb)  # (N, D)
+        if self.pos_emb is not None:  # learned positions, added to the input (GPT)
+            x = x + F.embedding(pos.view(-1), self.pos_emb)  # (N, D)
+        if self.rotary is not None:  # RoPE's angles: the same for every layer
+            cos, sin = self.rotary.cos_sin(pos.view(-1, 1), x.dtype)  # (N or 1, 1, E) each
+            cos, sin = cos[:, None], sin[:, None]  # (N or 1, 1, 1, E): every head
         mask = None  # True = may attend; one new query sees every cached key: no causal mask
         if attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]  # (N, 1, 1, S)
-        for w, layer_cache in zip(self.layers, cache, strict=True):
-            a = torch.layer_norm(x, (d,), *w.norm1, self.eps)  # (N, D)
-            q, k, v = w.qkv(a).view(n, 3, h, 1, e).unbind(1)  # (N, H, 1, E) each
-            k, v = layer_cache.update(k, v)  # (N, H, S, E)
-            a = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale
+        if self.window is not None and s > self.window:  # only the last W keys (Mistral)
+            window = masks.sliding_window(1, self.window, s, device=x.device)  # (1, S)
+            mask = window if mask is None else mask & window  # (1, S) or (N, 1, 1, S)
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            qkv = layer.qkv(layer.norm1(x))  # (N, (H + 2K) E)
+            qk = qkv[:, : (h + kh) * e].view(n, h + kh, 1, e)  # (N, H + K, 1, E)
+            if self.rotary is not None:  # q and k side by side: one rotation for both
+                qk = apply_rotary(qk, cos, sin)  # (N, H + K, 1, E)
+            q, k = qk[:, :h], qk[:, h:]  # (N, H, 1, E), (N, K, 1, E)
+            v = qkv[:, (h + kh) * e :].view(n, kh, 1, e)  # (N, K, 1, E)
+            k, v = layer_cache.update(k, v)  # (N, K, S, E)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=kh != h
             )  # (N, H, 1, E)
-            x = x + w.out(a.view(n, h * e))  # (N, D)
-            a = torch.layer_norm(x, (d,), *w.norm2, self.eps)  # (N, D)
-            x = x + w.down(self.act(w.up(a)))  # (N, D)
-        x = torch.layer_norm(x, (d,), *self.final_norm, self.eps)  # (N, D)
-        return self.lm_head(x)  # (N, V)
+            x = x + layer.out(o.view(n, h * e))  # (N, D)
+            x = x + layer.mlp(layer.norm2(x))  # (N, D)
+        return self.lm_head(self.final_norm(x))  # (N, V)
 
     # --8<-- [end:step]
 
@@ -153,35 +191,45 @@ def _has_hooks(model: nn.Module) -> bool:
     )
 
 
-def _stock_layer(layer: nn.Module) -> bool:
-    """A pre-norm GPT layer built from the library's own parts, with the sdpa attention."""
+def _stock_norm(module: nn.Module) -> bool:
+    return type(module) in (nn.LayerNorm, RMSNorm)
+
+
+def _stock_layer(layer: nn.Module, rotary: nn.Module | None) -> bool:
+    """A pre-norm layer built from the library's own parts, with the sdpa attention."""
     if type(layer) is not DecoderLayer or layer.cross_attn is not None or not layer.norm_first:
         return False
     attn, mlp = layer.self_attn, layer.mlp
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.up_proj, mlp.down_proj]
+    if type(mlp) is GatedFeedForward:
+        linears.append(mlp.gate_proj)
     return (
         type(attn) is MultiHeadAttention
-        and attn.n_kv_heads == attn.n_heads
-        and attn.rotary is None
+        and attn.rotary is rotary
         and attn.score_bias is None
         and attn.attn_impl in ("auto", "sdpa")
         and not attn.capture_weights
-        and type(mlp) is FeedForward
-        and all(type(m) is nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj))
-        and all(type(m) is nn.Linear for m in (attn.out_proj, mlp.up_proj, mlp.down_proj))
-        and all(type(m) is nn.LayerNorm for m in (layer.attn_norm, layer.mlp_norm))
+        and type(mlp) in (FeedForward, GatedFeedForward)
+        and all(type(m) is nn.Linear for m in linears)
+        and _stock_norm(layer.attn_norm)
+        and _stock_norm(layer.mlp_norm)
     )
 
 
-def flat_step(model: Any) -> GPTFlatStep | None:
+def flat_step(model: Any) -> FlatDecoderStep | None:
     """The flat decoding step for ``model``, or None when it must decode through its modules.
 
-    Taken for a ``GPT`` itself (not a subclass, which may change ``forward``) in eval mode,
-    without hooks, whose layers are the stock pre-norm ones with the default attention.
+    Taken for a model whose type is one of ``FLAT_MODELS`` (not a subclass, which may change
+    ``forward``) in eval mode, without hooks, whose layers are the stock pre-norm ones with
+    the default attention.
     """
-    if type(model) is not GPT or model.training or _has_hooks(model):
+    if type(model) not in FLAT_MODELS or model.training or _has_hooks(model):
         return None
-    if not all(_stock_layer(layer) for layer in model.layers):
+    rotary = getattr(model, "rotary", None)  # Llama's shared RoPE; GPT has none
+    if rotary is not None and type(rotary) is not RotaryEmbedding:
         return None
-    if type(model.final_norm) is not nn.LayerNorm:
+    if not all(_stock_layer(layer, rotary) for layer in model.layers):
         return None
-    return GPTFlatStep(model)
+    if not _stock_norm(model.final_norm) or type(model.lm_head) is not nn.Linear:
+        return None
+    return FlatDecoderStep(model)
