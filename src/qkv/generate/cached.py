@@ -127,20 +127,15 @@ class CachedDecoder:
     def step(self, tokens: Tensor) -> Tensor:
         """Append one token per row (N,); the next token's logits (N, V)."""
         self.length += 1
+        mask = None if self.mask is None else self.mask[:, : self.length]  # (N, past + 1), a view
         if self.flat_step is not None:  # the same function, written flat (see flat.py)
-            mask = None if self.mask is None else self.mask[:, : self.length]  # (N, past + 1)
             logits = self.flat_step(tokens, self.cache, mask, self.position)  # (N, V)
-            if self.position is not None:
-                self.position = self.position + 1  # (N, 1)
-            return logits
-        if self.mask is None:
-            out = self.model(tokens[:, None], cache=self.cache)
         else:
-            mask = self.mask[:, : self.length]  # (N, past + 1), a view: no mask rebuilt
             out = self.model(tokens[:, None], mask, position_ids=self.position, cache=self.cache)
-            assert self.position is not None
+            logits = out.logits[:, -1]  # (N, V)
+        if self.position is not None:  # set with a mask: each row's next position
             self.position = self.position + 1  # (N, 1)
-        return out.logits[:, -1]  # (N, V)
+        return logits
 
     # --8<-- [end:prefill_step]
 
