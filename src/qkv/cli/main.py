@@ -16,7 +16,12 @@ import qkv
 
 # Larger subcommands live in their own modules; each has ``register(subparsers)`` that adds its
 # parsers and sets ``func`` (a function of the parsed arguments returning the exit code).
-COMMAND_MODULES: tuple[str, ...] = ("qkv.cli.explain", "qkv.cli.tokenizer", "qkv.cli.train")
+COMMAND_MODULES: tuple[str, ...] = (
+    "qkv.cli.env",
+    "qkv.cli.explain",
+    "qkv.cli.tokenizer",
+    "qkv.cli.train",
+)
 
 SEED_SENTENCE = "The animal didn't cross the street because it was tired"
 
