@@ -130,9 +130,12 @@ def test_stop_token_ends_rows_and_pads_them(name: str) -> None:
     width = max(min(r.index(stop_id) + 1 if stop_id in r else 10, 10) for r in new)
     assert out.shape[1] == start + width  # ends as soon as every row has stopped
     assert out[:, start:].tolist() == [r[:width] for r in expected]
-    # The same through eos_token_id, which also supplies the default padding.
+    # The same through eos_token_id; the padding is then the config's pad id where it names
+    # one (T5's), else the end id itself (the tiny GPT names none).
     by_eos = generate(model, prompt, max_new_tokens=10, eos_token_id=stop_id)
-    eos_expected = [_cut(r, r.index(stop_id) if stop_id in r else 9, stop_id, 10) for r in new]
+    default = getattr(model.config, "pad_token_id", None)
+    default = stop_id if default is None else default
+    eos_expected = [_cut(r, r.index(stop_id) if stop_id in r else 9, default, 10) for r in new]
     assert by_eos[:, start:].tolist() == [r[:width] for r in eos_expected]
 
 

@@ -21,8 +21,9 @@ import torch
 
 from qkv.generate import generate
 from qkv.interop import from_pretrained
+from tests.optional import require
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 pytestmark = pytest.mark.hf
 
@@ -169,3 +170,28 @@ def test_beam_search_ends_on_the_end_token(pair: dict) -> None:
             pair, max_new_tokens=10, num_beams=3, length_penalty=lp, eos_token_id=eos
         )
         assert (out == eos).any()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_default_padding_follows_the_checkpoints_pad_id(family: str, tmp_path: Path) -> None:
+    """With no pad id given, rows that ended are filled as transformers fills them by default:
+    with the config's ``pad_token_id`` (not the end id) when the checkpoint names one."""
+    build, start, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    hf = build().eval()
+    hf.config.pad_token_id = PAD
+    hf.generation_config = transformers.GenerationConfig.from_model_config(hf.config)
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    assert ours.config.pad_token_id == PAD
+    ids = torch.randint(4, V - 1, (3, 6))
+    extra = {} if start is None else {"decoder_start_token_id": start}
+    with torch.no_grad():
+        free = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, **extra)
+    new = free[:, -10:] if start is None else free[:, 1:]
+    eos = int(new[1, 3])  # row 1 ends after 4 tokens; the others may run on
+    with torch.no_grad():
+        expected = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=eos, **extra)
+    got = generate(ours, ids, max_new_tokens=10, eos_token_id=eos)
+    assert torch.equal(got, expected), f"transformers:\n{expected}\nqkv:\n{got}"
+    assert (got == PAD).any()  # a row ended early and was padded with the config's pad id

@@ -108,8 +108,9 @@ def resolve_settings(
     """Check every option against the others and the model's ``config``; fill the defaults.
 
     ``eos_token_id`` defaults to ``config.eos_token_id`` (pass ``[]`` for none; ids outside
-    the vocabulary are never produced and are dropped), and ``pad_token_id`` to the first
-    end-of-sequence id, else the first stop token id.
+    the vocabulary are never produced and are dropped), and ``pad_token_id`` to
+    ``config.pad_token_id`` where the checkpoint names one (as transformers does), else the
+    first end-of-sequence id, else the first stop token id.
 
     Raises:
         ValueError: naming the option and what to change.
@@ -186,6 +187,8 @@ def resolve_settings(
     if any(s == "" for s in stop_strings):
         raise ValueError("a stop string must not be empty")
     all_stops = tuple(dict.fromkeys([*eos, *stop_ids]))  # eos first, no repeats
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
     if pad_token_id is None and all_stops:
         pad_token_id = all_stops[0]
     if pad_token_id is None and stop_strings:

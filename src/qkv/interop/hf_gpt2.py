@@ -107,6 +107,7 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         # A missing key means transformers' default, 50256; an explicit null stays None.
         bos_token_id=_token_id(hf.get("bos_token_id", 50256), hf.get("vocab_size", 50257)),
         eos_token_id=_token_id(hf.get("eos_token_id", 50256), hf.get("vocab_size", 50257)),
+        pad_token_id=_token_id(hf.get("pad_token_id"), hf.get("vocab_size", 50257)),
     )
 
 
@@ -144,6 +145,7 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
         "initializer_range": 0.02,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
     }
 
 

@@ -122,6 +122,7 @@ def llama_config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
         # A missing key means transformers' defaults, 1 and 2; an explicit null stays None.
         bos_token_id=_token_id(hf.get("bos_token_id", 1)),
         eos_token_id=_token_id(hf.get("eos_token_id", 2)),
+        pad_token_id=_token_id(hf.get("pad_token_id")),
     )
 
 
@@ -155,6 +156,7 @@ def llama_config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         "initializer_range": 0.02,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
     }
     if mistral:
         hf["sliding_window"] = config.sliding_window

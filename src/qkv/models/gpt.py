@@ -78,13 +78,14 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares its weight with tok_emb
     bos_token_id: int | None = None  # GPT-2: 50256, "<|endoftext|>" (one token for both)
     eos_token_id: int | None = None  # generation stops here by default
+    pad_token_id: int | None = None  # fills rows that ended (None: the eos id)
     attn_impl: str = "auto"  # see qkv.scaled_dot_product_attention
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("bos_token_id", "eos_token_id"):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             token = getattr(self, name)
             if token is not None and not 0 <= token < self.vocab_size:
                 raise ValueError(f"{name}={token} is not in the vocabulary [0, {self.vocab_size})")

@@ -92,6 +92,7 @@ class LlamaConfig:
     dropout: float = 0.0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2  # generation stops here by default
+    pad_token_id: int | None = None  # fills rows that ended (None: the eos id)
     attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
@@ -99,7 +100,7 @@ class LlamaConfig:
         for name in (*sizes, "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("bos_token_id", "eos_token_id"):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             token = getattr(self, name)
             if token is not None and not 0 <= token < self.vocab_size:
                 raise ValueError(f"{name}={token} is not in the vocabulary [0, {self.vocab_size})")
