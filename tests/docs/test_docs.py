@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.optional import require, require_what_text_needs
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
@@ -146,6 +148,7 @@ def test_docs_exist() -> None:
 def test_python_blocks_run(page: Path) -> None:
     """The runnable ```python blocks of a page execute in order, in one fresh namespace."""
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
+    require_what_text_needs("\n".join(f.code for f in runnable_python(page)))
     for number, fence in enumerate(runnable_python(page), start=1):
         where = f"{rel(page)}, python block {number} (line {fence.line})"
         # Register the block's text so that a traceback can quote the failing line.
@@ -192,6 +195,7 @@ def test_snippet_targets_exist(where: str, path: str, section: str | None) -> No
 
 @pytest.mark.parametrize(("where", "commands"), qkv_commands(), ids=[w for w, _ in qkv_commands()])
 def test_cli_commands_run(where: str, commands: tuple[str, ...], tmp_path: Path) -> None:
+    require_what_text_needs("\n".join(commands))
     for command in commands:
         args = shlex.split(command)[1:]
         result = subprocess.run(
@@ -215,6 +219,8 @@ def _visible_text(page_html: str) -> str:
 
 
 def test_mkdocs_builds_strictly_with_includes(tmp_path: Path) -> None:
+    require("mkdocs")
+    require("pymdownx")
     mkdocs = Path(sys.executable).with_name("mkdocs")
     command = [str(mkdocs)] if mkdocs.exists() else [sys.executable, "-m", "mkdocs"]
     site = tmp_path / "site"

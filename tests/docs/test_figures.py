@@ -8,11 +8,14 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
+from tests.optional import require_what_text_needs
+
 FIGURES = Path(__file__).resolve().parents[2] / "docs" / "figures"
 
 
 @pytest.mark.parametrize("script", sorted(FIGURES.glob("*.py")), ids=lambda p: p.stem)
 def test_figure_script(script: Path, tmp_path: Path) -> None:
+    require_what_text_needs(script.read_text(encoding="utf-8"))
     spec = importlib.util.spec_from_file_location(f"figures_{script.stem}", script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

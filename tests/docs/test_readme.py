@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.optional import require_what_text_needs
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -17,6 +19,7 @@ def python_blocks(text: str) -> list[str]:
 def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = python_blocks(README.read_text(encoding="utf-8"))
     assert blocks, "the README shows no Python example"
+    require_what_text_needs("\n".join(blocks))
     monkeypatch.chdir(tmp_path)  # examples that save files write them here
     namespace: dict[str, object] = {}
     for i, block in enumerate(blocks, 1):

@@ -28,6 +28,7 @@ from tests.models.decoding import (
     new_cache,
     run_encoder_decoder,
 )
+from tests.optional import require
 
 ATOL = 1e-4  # float32, a whole model deep
 FAMILIES = ["bart", "marian"]
@@ -97,7 +98,7 @@ def rows(weights: Tensor, keep: Tensor) -> Tensor:
 @pytest.mark.hf
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_to_qkv(family: str, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     theirs = hf_model(transformers, family)
     theirs.save_pretrained(tmp_path)
     ours = qkv.interop.from_pretrained(tmp_path)
@@ -135,7 +136,7 @@ def test_hf_to_qkv(family: str, tmp_path: Path) -> None:
 @pytest.mark.hf
 @pytest.mark.parametrize("family", FAMILIES)
 def test_qkv_to_hf(family: str, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     ours = Bart(PRESETS[TINY[family]]).eval()
     randomize_(ours)
     ours.save_pretrained(tmp_path)
@@ -159,7 +160,7 @@ def test_qkv_to_hf(family: str, tmp_path: Path) -> None:
 @pytest.mark.hf
 def test_bare_bart_model_checkpoint(tmp_path: Path) -> None:
     """A ``BartModel`` checkpoint (no ``model.`` prefix, no LM head) loads too."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     config = config_to_hf(dataclasses.replace(PRESETS["tiny"], max_seq_len=32))
     del config["model_type"], config["architectures"]
     theirs = transformers.BartModel(transformers.BartConfig(**config))
@@ -176,7 +177,7 @@ def test_bare_bart_model_checkpoint(tmp_path: Path) -> None:
 
 @pytest.mark.hf
 def test_marian_table_matches_transformers() -> None:
-    modeling = pytest.importorskip("transformers.models.marian.modeling_marian")
+    modeling = require("transformers.models.marian.modeling_marian")
     theirs = modeling.MarianSinusoidalPositionalEmbedding(50, 16).create_weight()
     ours = sinusoidal_table(50, 16, interleaved=False)  # Marian's layout
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0.0)
@@ -211,7 +212,7 @@ def test_preset_parameter_counts(name: str) -> None:
 @pytest.mark.hf
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_parameter_counts_match_transformers(name: str) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     config = config_to_hf(PRESETS[name])
     family = config.pop("model_type")
     del config["architectures"]
@@ -379,7 +380,7 @@ def test_cache_and_decoding_past_max_seq_len_are_clear_errors() -> None:
 @pytest.mark.hf
 @pytest.mark.parametrize("family", FAMILIES)
 def test_token_ids_round_trip_through_the_hf_config(family: str) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     ids = dict(pad_token_id=5, bos_token_id=6, eos_token_id=7, decoder_start_token_id=8)
     hf = config_to_hf(PRESETS[TINY[family]])
     del hf["model_type"], hf["architectures"]

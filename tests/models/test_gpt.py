@@ -22,6 +22,7 @@ from tests.models.decoding import (
     new_cache,
     run_decoder,
 )
+from tests.optional import require
 
 ATOL = 1e-4  # float32 parity with transformers (the brief's bound)
 
@@ -44,7 +45,7 @@ VOCAB = 97
 
 def _hf_model(tie: bool = True, n_inner: int | None = None):  # type: ignore[no-untyped-def]
     """A tiny random transformers GPT-2 with non-trivial LayerNorms and biases."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     config = transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=24, n_inner=n_inner,
         tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
@@ -165,7 +166,7 @@ def test_from_hf_names_missing_and_extra_tensors() -> None:
 @pytest.mark.hf
 @pytest.mark.parametrize("tie", [True, False])
 def test_to_hf_loads_in_transformers(tmp_path: Path, tie: bool) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     config = GPTConfig(
         vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=None if tie else 40,
         max_seq_len=16, tie_embeddings=tie,
@@ -204,7 +205,7 @@ def test_preset_parameter_counts(name: str) -> None:
 @pytest.mark.hf
 @pytest.mark.parametrize("name", sorted(HF_SIZES))
 def test_preset_parameter_counts_match_transformers(name: str) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     n_embd, n_layer, n_head = HF_SIZES[name]
     with torch.device("meta"):
         hf_config = transformers.GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head)
@@ -429,7 +430,7 @@ def test_static_cache_has_the_model_dtype_and_the_requested_room() -> None:
 
 
 def test_token_ids_round_trip_through_the_hf_config() -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from qkv.interop.hf_gpt2 import config_from_hf, config_to_hf
 
     hf = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
@@ -449,7 +450,7 @@ def test_token_ids_round_trip_through_the_hf_config() -> None:
 
 def test_token_ids_outside_a_small_vocabulary_are_ignored(tmp_path) -> None:
     """transformers keeps GPT-2's default ids (50256) even for a 64-token model; qkv reads None."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     hf = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
     )

@@ -21,6 +21,7 @@ from tests.models.decoding import (
     new_cache,
     run_decoder,
 )
+from tests.optional import require
 
 TOL = 1e-4  # float32, two implementations with differently ordered sums
 
@@ -46,7 +47,7 @@ def _batch(vocab: int, t: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _hf_config(kind: str, **extra: object):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     sizes = dict(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -107,7 +108,7 @@ def test_hf_to_qkv(kind: str, tmp_path) -> None:
 @pytest.mark.hf
 @pytest.mark.parametrize("kind", ["llama", "mistral", "tied"])
 def test_qkv_to_hf(kind: str, tmp_path) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     config = dataclasses.replace(
         PRESETS["tiny"],
         sliding_window=3 if kind == "mistral" else None,

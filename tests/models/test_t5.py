@@ -24,6 +24,7 @@ from tests.models.decoding import (
     new_cache,
     run_encoder_decoder,
 )
+from tests.optional import require
 
 ATOL = 1e-4  # float32, a whole encoder-decoder against transformers
 
@@ -65,7 +66,7 @@ def _qkv_config(kind: str) -> T5Config:
 
 def _hf_model(kind: str, *, untie: bool = True) -> nn.Module:
     """A random transformers T5; norm gains and position biases re-randomised (not 1, small)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     config = transformers.T5Config(**HF_COMMON, **HF_SIZES[kind])
     config._attn_implementation = "eager"  # the path that returns attention probabilities
     model = transformers.T5ForConditionalGeneration(config)
@@ -146,7 +147,7 @@ def test_hf_to_qkv(kind: str, tmp_path) -> None:
 @pytest.mark.hf
 @pytest.mark.parametrize("kind", ["v1.0", "v1.1"])
 def test_qkv_to_hf(kind: str, tmp_path) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     model = T5(_qkv_config(kind)).eval()
     with torch.no_grad():  # norm gains start at 1: randomise them so that they matter
         for name, p in model.named_parameters():
@@ -197,7 +198,7 @@ def test_preset_parameter_counts(name: str) -> None:
 
 @pytest.mark.hf
 def test_preset_counts_match_transformers() -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     for name, config in PRESETS.items():
         hf_config = transformers.T5Config.from_dict(t5_config_to_hf(config))
         with torch.device("meta"):
@@ -316,7 +317,7 @@ def test_cache_errors_are_clear() -> None:
 
 @pytest.mark.hf
 def test_token_ids_round_trip_through_the_hf_config() -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     ids = dict(pad_token_id=3, eos_token_id=4, decoder_start_token_id=5)
     hf = transformers.T5Config(**{**HF_COMMON, **HF_SIZES["v1.0"], **ids})
     config = t5_config_from_hf(hf.to_dict())

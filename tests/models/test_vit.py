@@ -12,6 +12,7 @@ from torch import nn
 import qkv.interop
 from qkv.interop import CheckpointError
 from qkv.models.vit import PRESETS, ViT, ViTConfig
+from tests.optional import require
 
 ATOL = 1e-4  # float32 through two layers of different (fused vs eager) kernels
 
@@ -24,7 +25,7 @@ EXPECTED_PARAMS = {
 
 def hf():
     """transformers, or a skip where it is not installed."""
-    return pytest.importorskip("transformers")
+    return require("transformers")
 
 
 def hf_config(**overrides):

