@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from qkv.data import DataConfig, DataSource, TokenWindows, build_data
+from qkv.data.corpora import python_docs_text, resolve_text_corpus
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,9 @@ def lm(cache: Path) -> TokenWindows:
 def test_lm_source_follows_the_protocol(lm: TokenWindows) -> None:
     assert isinstance(lm, DataSource)
     assert lm.kind == "lm"
-    assert lm.vocab_size == 108  # python-docs' characters and five special tokens
+    # python-docs' characters and five special tokens; the text is the running Python's own,
+    # so its alphabet is counted here rather than taken from one interpreter.
+    assert lm.vocab_size == len(set(python_docs_text())) + 5
     assert (lm.pad_id, lm.unk_id, lm.bos_id, lm.eos_id, lm.mask_id) == (0, 1, 2, 3, 4)
 
 
@@ -126,3 +131,32 @@ def test_mlm_needs_a_mask_token(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="no mask token"):
         build_data(config, tmp_path / "cache")
+
+
+def test_lm_source_carries_the_fingerprint_of_its_text(lm: TokenWindows, cache: Path) -> None:
+    text = python_docs_text()
+    fingerprint = lm.fingerprint
+    assert fingerprint["corpus"] == "python-docs"
+    assert fingerprint["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    assert fingerprint["characters"] == len(text)
+    assert fingerprint["bytes"] == len(text.encode("utf-8"))
+    assert fingerprint["distinct_characters"] == len(set(text))
+    # A cut corpus is another text, with another fingerprint.
+    cut, _ = build_data(DataConfig(seq_len=64, max_bytes=10_000), cache)
+    assert isinstance(cut, TokenWindows)
+    assert cut.fingerprint["sha256"] == hashlib.sha256(text.encode()[:10_000]).hexdigest()
+    assert cut.fingerprint["max_bytes"] == 10_000 and cut.fingerprint["bytes"] == 10_000
+
+
+def test_fingerprint_is_remembered_by_the_scan_index(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("héllo wörld\n" * 50, encoding="utf-8")
+    corpus = resolve_text_corpus(str(tmp_path / "a.txt"))
+    index = tmp_path / "index"
+    first = corpus.scan(index)
+    os.utime(tmp_path / "a.txt", (0, 0))  # old enough for the index to trust it
+    first = corpus.scan(index)
+    [entry] = index.glob("*.json")
+    assert '"text_sha256"' in entry.read_text(encoding="utf-8")
+    again = corpus.scan(index)  # from the index, without reading the text
+    assert again == first == corpus.scan()  # read back with every field
+    assert first.characters == 12 * 50 and first.distinct_characters == len(set("héllo wörld\n"))

@@ -156,3 +156,26 @@ def test_budget_shortcuts(tmp_path: Path, cache_dir: Path) -> None:
     assert [r["step"] for r in read_metrics(out / "metrics.csv")] == ["1", "2"]
     saved = (out / "config.yaml").read_text(encoding="utf-8")
     assert "max_steps: 2" in saved and "max_time: 5m" in saved
+
+
+def test_device_shortcut(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--device sets train.device; it may change on --resume; eval takes it too."""
+    out = tmp_path / "cpu"
+    cache = ["--cache-dir", str(cache_dir)]
+    code = main(["train", "--preset", "gpt-char", *TOY, "--max-steps", "2", "--device", "cpu",
+                 "--out", str(out), *cache])  # fmt: skip
+    assert code == 0
+    assert "device: cpu" in (out / "config.yaml").read_text(encoding="utf-8")
+    # Weights and optimizer state are device-free: a CPU run may continue where auto says.
+    code = main(["train", "--resume", str(out), "--max-steps", "3", "--device", "auto", "--quiet",
+                 *cache])  # fmt: skip
+    assert code == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.csv")] == ["1", "2", "3"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--device", "cpu", *cache]) == 0
+    assert "val_loss" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "gpt-char", "--device", "gpu", *cache])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err

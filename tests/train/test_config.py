@@ -65,3 +65,17 @@ def test_bad_values_name_the_key(data: dict[str, object], words: list[str]) -> N
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError, match=r"unknown preset 'nope'.*gpt-char"):
         load_preset("nope")
+
+
+def test_train_device() -> None:
+    """train.device chooses where to train: auto (the default), cpu or cuda, nothing else."""
+    assert config_from_dict(load_preset("gpt-char")).train.device == "auto"
+    config = config_from_dict(merge_overrides(load_preset("gpt-char"), {"train.device": "cpu"}))
+    assert config.train.device == "cpu"
+    assert config_to_dict(config)["train"]["device"] == "cpu"
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(merge_overrides(load_preset("gpt-char"), {"train.device": "gpu"}))
+    message = str(info.value)
+    assert "\n" not in message
+    for word in ("train.device", "'auto'", "'cpu'", "'cuda'"):
+        assert word in message

@@ -117,6 +117,11 @@ def _make_progress_callback(quiet: bool) -> Any:
             )
             self.task = self._bar().add_task("train", total=1000, info="")
 
+        def on_run_info(self, info: dict[str, Any]) -> None:
+            console.print(_describe_run(info), markup=False, highlight=False, soft_wrap=True)
+            for note in info["notes"]:
+                console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+
         def on_step(self, m: StepMetrics) -> None:
             fractions = [m.step / self.max_steps] if self.max_steps else []
             fractions += [m.time / self.max_time] if self.max_time else []
@@ -136,6 +141,23 @@ def _make_progress_callback(quiet: bool) -> Any:
     return RichProgress()
 
 
+def _describe_run(info: dict[str, Any]) -> str:
+    """Two lines: what the run trains on (corpus, counts, SHA-256, vocabulary), and under what
+    (Python, torch, device, precision): what ``run.json`` records."""
+    data, env = info["data"], info["environment"]
+    parts = [f"data: {data.get('corpus', '?')}"]
+    if "characters" in data:
+        parts.append(f"{data['characters']:,} characters ({data['distinct_characters']} distinct)")
+    if "sha256" in data:
+        parts.append(f"sha256 {data['sha256'][:12]}")
+    if "vocab_size" in data:
+        parts.append(f"vocabulary {data['vocab_size']}")
+    return ", ".join(parts) + (
+        f"\nmachine: Python {env['python']}, torch {env['torch']}, {env['device']}, "
+        f"precision {info['precision']}"
+    )
+
+
 # -- commands -----------------------------------------------------------------------------------
 
 
@@ -152,7 +174,30 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def _build_config(args: argparse.Namespace) -> Any:
+_BUDGETS = {"train.max_steps": ("--max-steps", 0), "train.max_time": ("--max-time", "")}
+
+
+def _one_budget_kind(base: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """A budget given on the command line replaces the base's budget of the other kind.
+
+    ``--max-steps 80`` on a preset with ``max_time: 3m`` means "80 steps", a repeatable run,
+    not "80 steps or 3 minutes, the learning rate following the clock". Giving both on the
+    command line keeps both. Returns a note for each budget taken away.
+    """
+    notes = []
+    for given, other in (("train.max_steps", "train.max_time"),
+                         ("train.max_time", "train.max_steps")):  # fmt: skip
+        current = (base.get("train") or {}).get(other.split(".")[1])
+        if given in overrides and other not in overrides and current:
+            overrides[other] = _BUDGETS[other][1]
+            notes.append(
+                f"{_BUDGETS[given][0]} replaces the {other}={current} of the config (give "
+                f"{_BUDGETS[other][0]} too to keep both)"
+            )
+    return notes
+
+
+def _build_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     from qkv.train import config_from_dict, load_preset, load_run_config, merge_overrides
     from qkv.train.config import config_to_dict, parse_value
 
@@ -162,6 +207,8 @@ def _build_config(args: argparse.Namespace) -> Any:
         overrides["train.max_time"] = args.max_time
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps
+    if args.device is not None:  # --device cpu: train.device
+        overrides["train.device"] = args.device
     if args.resume:
         if args.preset or args.config:
             raise ValueError("--resume continues a run with its own config; drop --preset/--config")
@@ -176,7 +223,8 @@ def _build_config(args: argparse.Namespace) -> Any:
         raise ValueError(
             f"pass --preset NAME (one of {', '.join(list_presets())}) or --config FILE.yaml"
         )
-    return config_from_dict(merge_overrides(base, overrides))
+    notes = _one_budget_kind(base, overrides)
+    return config_from_dict(merge_overrides(base, overrides)), notes
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -184,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         from qkv.train import train
 
-        config = _build_config(args)
+        config, notes = _build_config(args)
         if args.resume:
             run_dir = Path(args.resume)
         elif args.out:
@@ -192,6 +240,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             run_dir = Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports
+        for note in notes if main_rank else []:
+            print(f"note: {note}", file=sys.stderr)
         callback = _make_progress_callback(args.quiet or not main_rank)
         try:
             result = train(config, run_dir, resume=bool(args.resume), cache_dir=args.cache_dir,
@@ -228,7 +278,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         from qkv.train.loop import evaluate_run
 
-        metrics = evaluate_run(args.run_dir, checkpoint=args.checkpoint, cache_dir=args.cache_dir)
+        metrics = evaluate_run(args.run_dir, checkpoint=args.checkpoint, cache_dir=args.cache_dir,
+                               device=args.device)  # fmt: skip
     except _ERRORS as e:
         return _fail("eval", e)
     print(f"{args.run_dir} ({args.checkpoint}):")
@@ -291,6 +342,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     train.add_argument("--max-time", help="wall-clock budget such as 90s, 3m, 1h (train.max_time)")
     train.add_argument("--max-steps", type=int, help="step budget (train.max_steps)")
+    train.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"],
+        help="where to train (train.device): auto takes a GPU per process if there are enough",
+    )  # fmt: skip
     train.add_argument("--cache-dir", help="tokenized-corpus cache (default ~/.cache/qkv/data)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
@@ -298,6 +353,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a training run on its validation split")
     ev.add_argument("run_dir", help="a directory qkv train wrote")
     ev.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                    help="where to evaluate (default: the run's train.device)")  # fmt: skip
     ev.add_argument("--cache-dir", help="tokenized-corpus cache (default ~/.cache/qkv/data)")
     ev.set_defaults(func=cmd_eval)
 

@@ -151,20 +151,23 @@ def build_data(
     files = tokenize_to_file(
         text, tokenizer, cache, val_fraction=config.val_fraction, progress=progress, info=info
     )
-    windows = _token_windows(config, files, tokenizer)
+    windows = _token_windows(config, files, tokenizer, info.fingerprint(corpus))
     return windows, tokenizer
 
 
 # --8<-- [end:build]
 
 
-def _token_windows(config: DataConfig, files: TokenFiles, tokenizer: Tokenizer) -> TokenWindows:
+def _token_windows(
+    config: DataConfig, files: TokenFiles, tokenizer: Tokenizer, fingerprint: dict[str, Any]
+) -> TokenWindows:
     return TokenWindows(
         files,
         kind=config.kind,
         seq_len=config.seq_len,
         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
         specials=special_ids(tokenizer),
+        fingerprint={**fingerprint, "max_bytes": config.max_bytes},
     )
 
 
@@ -240,6 +243,7 @@ def _build_seq2seq(config: DataConfig, cache: Path) -> tuple[Seq2SeqSource, Toke
             val_pairs=val_pairs,
             seq_len=config.seq_len,
             specials=special_ids(tokenizer),
+            fingerprint={"corpus": corpus, "synthetic": True, "validation_examples": n_val},
         )
         return source, tokenizer
     path = Path(corpus).expanduser()
@@ -275,5 +279,6 @@ def _build_seq2seq(config: DataConfig, cache: Path) -> tuple[Seq2SeqSource, Toke
         val_pairs=val_pairs,
         seq_len=config.seq_len,
         specials=special_ids(tokenizer),
+        fingerprint={"corpus": corpus, "sha256": digest, "pairs": len(pairs)},
     )
     return source, tokenizer

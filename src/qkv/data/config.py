@@ -82,7 +82,8 @@ class DataSource(Protocol):
     Sources also carry what a model and trainer need to know, where it applies:
     ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``, ``mask_id``, ``cls_id``, ``sep_id``
     (``int | None``) and ``special_ids`` for token data; ``num_labels``, ``image_size`` and
-    ``num_channels`` for images.
+    ``num_channels`` for images; and ``fingerprint``, a small dict that identifies the data
+    (a corpus's SHA-256 and counts, a task's name), which a training run records.
     """
 
     kind: str

@@ -8,7 +8,8 @@ keeps only the first bytes of the stream (cut at a character boundary).
 Built-in corpora need no download:
 
     python-docs   the text of Python's own help topics (``pydoc_data.topics``, about 465 KB),
-                  joined in sorted key order so it is the same on every run
+                  joined in sorted key order so it is the same on every run; it is the text of
+                  the Python that runs qkv, so it differs between Python versions
     python-code   the standard library's ``.py`` sources (tens of MB; cap it with max_bytes),
                   sorted by path; site-packages and files that are not UTF-8 are left out
 
@@ -17,11 +18,15 @@ glob pattern (``data/*.txt``, ``**`` allowed). Files must be UTF-8.
 
 A corpus is identified by a hash of its contents, which takes one full read; ``scan`` can
 remember that hash by the files' sizes and modification times, so that an unchanged large
-folder is not read again just to be recognised.
+folder is not read again just to be recognised. The same read counts the characters and the
+alphabet: ``CorpusInfo.fingerprint`` is what a training run records about its text, so that
+two runs can tell whether they saw the same data (the SHA-256 of the text stream, its bytes,
+characters and distinct characters).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import io
@@ -32,7 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from qkv._io import atomic_write_json
 
@@ -49,6 +54,7 @@ BUILTIN_TEXT_CORPORA: tuple[str, ...] = ("python-docs", "python-code")
 CHUNK_BYTES = 1 << 20  # read size; chunks end at the last line break inside a read
 STAT_SAFETY_S = 2.0  # files modified this recently are read again rather than trusted
 _GLOB_CHARS = frozenset("*?[")
+_INFO_FIELDS = ("digest", "total_bytes", "text_sha256", "characters", "distinct_characters")
 
 
 def char_boundary(data: bytes, n: int) -> int:
@@ -94,10 +100,28 @@ class Document:
 
 @dataclass(frozen=True)
 class CorpusInfo:
-    """What one full read of a corpus found: its content hash and its size in bytes."""
+    """What one full read of a corpus found: its content hashes and its size."""
 
     digest: str  # SHA-256 over the documents' contents (and where each document ends)
     total_bytes: int
+    text_sha256: str = ""  # SHA-256 of the text as one stream of UTF-8 bytes (what is read)
+    characters: int = 0  # Unicode characters in the text
+    distinct_characters: int = 0  # the size of its alphabet (a char tokenizer's vocabulary)
+
+    def fingerprint(self, name: str) -> dict[str, Any]:
+        """What identifies the text a run trained on, for its metadata and for comparing runs.
+
+        A built-in corpus can differ between machines: ``python-docs`` is the help text of
+        the Python that runs qkv, and it changes between Python versions. Two runs trained
+        on the same text have the same ``sha256``.
+        """
+        return {
+            "corpus": name,
+            "sha256": self.text_sha256,
+            "bytes": self.total_bytes,
+            "characters": self.characters,
+            "distinct_characters": self.distinct_characters,
+        }
 
 
 @dataclass(frozen=True)
@@ -167,18 +191,18 @@ class TextCorpus:
         if entry.is_file():
             record = json.loads(entry.read_text(encoding="utf-8"))
             if record["recorded_at"] - newest >= STAT_SAFETY_S:
-                return CorpusInfo(digest=record["digest"], total_bytes=record["total_bytes"])
+                return CorpusInfo(**{f: record[f] for f in _INFO_FIELDS})
         recorded_at = time.time()
         info = self._read_and_hash()
         if recorded_at - newest >= STAT_SAFETY_S:
-            record = {"digest": info.digest, "total_bytes": info.total_bytes}
+            record = dataclasses.asdict(info)
             atomic_write_json(entry, {**record, "recorded_at": recorded_at, "corpus": self.name})
         return info
 
     def _stat_key(self) -> tuple[str, float]:
         """A hash of what identifies the documents without reading them, and the newest
         modification time among the files (seconds since the epoch)."""
-        h = hashlib.sha256(f"{self.max_bytes}:{self.skip_undecodable}\n".encode())
+        h = hashlib.sha256(f"v2:{self.max_bytes}:{self.skip_undecodable}\n".encode())
         newest = 0.0
         for doc in self.documents:
             if doc.data is not None:
@@ -192,7 +216,9 @@ class TextCorpus:
 
     def _read_and_hash(self) -> CorpusInfo:
         outer = hashlib.sha256(f"max_bytes={self.max_bytes}\n".encode())
-        inner, current, total = None, -1, 0
+        stream = hashlib.sha256()
+        inner, current, total, characters = None, -1, 0, 0
+        alphabet: set[str] = set()
         for index, piece in self.chunks():
             if index != current:
                 if inner is not None:
@@ -200,12 +226,19 @@ class TextCorpus:
                 inner, current = hashlib.sha256(), index
             assert inner is not None
             inner.update(piece)
+            stream.update(piece)
             total += len(piece)
+            text = piece.decode("utf-8")  # whole characters: chunks end at a boundary
+            characters += len(text)
+            alphabet.update(text)
         if inner is not None:
             outer.update(inner.digest())
         if total == 0:
             raise ValueError(f"corpus {self.name!r} is empty: it has no text to train on")
-        return CorpusInfo(digest=outer.hexdigest(), total_bytes=total)
+        return CorpusInfo(
+            digest=outer.hexdigest(), total_bytes=total, text_sha256=stream.hexdigest(),
+            characters=characters, distinct_characters=len(alphabet),
+        )  # fmt: skip
 
 
 def _check_utf8(piece: bytes, doc: Document) -> None:

@@ -16,6 +16,7 @@ Shape legend: B batch · C channels (1) · H, W image height and width (8).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -81,6 +82,11 @@ class DigitsImages:
         self.test_images = pixels[test].unsqueeze(1)  # (N_test, 1, 8, 8)
         self.test_labels = torch.from_numpy(labels[test])  # (N_test,)
         self.augment = augment
+        self.fingerprint = {  # what data this is: the bundled arrays' hash
+            "corpus": "digits",
+            "sha256": hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest(),
+            "images": len(labels),
+        }
 
     def _shift(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Shift each image by -1, 0 or +1 pixels per axis, filling with background."""

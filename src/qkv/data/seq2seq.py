@@ -20,7 +20,8 @@ Shape legend: B batch · S source positions · T target positions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -57,6 +58,7 @@ class Seq2SeqSource:
         val_pairs: Sequence[tuple[str, str]],
         seq_len: int,
         specials: SpecialIds,
+        fingerprint: Mapping[str, Any] | None = None,
     ) -> None:
         if specials.pad is None or specials.eos is None:
             raise ValueError(
@@ -64,6 +66,7 @@ class Seq2SeqSource:
                 "and <eos> or </s>); the char and bpe tokenizers have both"
             )
         self.tokenizer = tokenizer
+        self.fingerprint = dict(fingerprint or {})  # what data this is (task or file hash)
         self.seq_len = seq_len
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.pad_id: int = specials.pad

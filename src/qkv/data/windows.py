@@ -21,7 +21,7 @@ Shape legend: B batch · T window length (``seq_len``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,7 @@ class TokenWindows:
         seq_len: int,
         vocab_size: int,
         specials: SpecialIds,
+        fingerprint: Mapping[str, Any] | None = None,
     ) -> None:
         if kind not in ("lm", "mlm"):
             raise ValueError(f"TokenWindows serves kind 'lm' or 'mlm', not {kind!r}")
@@ -62,6 +63,7 @@ class TokenWindows:
                 "char, bpe or wordpiece tokenizer, or one that defines a mask token"
             )
         self.kind = kind
+        self.fingerprint = dict(fingerprint or {})  # what text this is (see CorpusInfo)
         self.seq_len = seq_len
         self.vocab_size = vocab_size
         self.pad_id = specials.pad

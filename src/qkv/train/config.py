@@ -157,8 +157,12 @@ class LoopConfig:
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
     label_smoothing: float = 0.0  # seq2seq/classification targets: (1 - eps) one-hot + eps / V
     seed: int = 0  # model init, data order, masking and dropout
+    deterministic: bool = False  # PyTorch's deterministic algorithms (for bit-exact GPU runs)
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # auto: ddp under torchrun
+    # auto: a GPU per process when there are enough (NCCL), else the CPU (gloo); cpu: always
+    # the CPU; cuda: GPUs or an error (see qkv.train.distributed.choose_backend)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "keep_last"):

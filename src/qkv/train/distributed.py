@@ -11,14 +11,22 @@ rows: rank r of W takes rows [r B/W, (r + 1) B/W). Gradients are combined across
 
 Both AVERAGE gradients over ranks. Each rank's loss is its summed target losses divided by the
 global target count N (see ``qkv.train.objectives``), so the trainer multiplies it by W: the
-average of W such gradients is then exactly the gradient of the one-process loss. Backend:
-NCCL on GPUs, gloo on CPUs.
+average of W such gradients is then exactly the gradient of the one-process loss.
+
+Where each process computes is ``train.device`` (``--device``), resolved by ``choose_backend``:
+
+    cpu    the CPU, ranks talking over gloo, even on a machine with GPUs
+    cuda   GPU number LOCAL_RANK, ranks talking over NCCL; an error if there is no GPU, or fewer
+           GPUs on this machine than processes (LOCAL_WORLD_SIZE)
+    auto   cuda when every process of this machine gets a GPU of its own, else the CPU with
+           gloo (with a logged note when GPUs are there but too few)
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +35,20 @@ import torch
 from torch import Tensor, nn
 from torch import distributed as dist
 
-__all__ = ["DistContext", "gather_full_state", "setup_distributed", "wrap_model"]
+from qkv.train.config import ConfigError
+
+__all__ = [
+    "DistContext",
+    "choose_backend",
+    "gather_full_state",
+    "setup_distributed",
+    "visible_gpu_count",
+    "wrap_model",
+]
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,36 +81,103 @@ class DistContext:
             dist.destroy_process_group()
 
 
-def setup_distributed(mode: str) -> DistContext:
+def visible_gpu_count() -> int:
+    """How many CUDA GPUs this process can see (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def choose_backend(
+    device: str, *, world_size: int, local_world_size: int | None = None, local_rank: int = 0,
+    cuda_count: int,
+) -> tuple[str, torch.device]:  # fmt: skip
+    """The process-group backend and this process's device for ``train.device``.
+
+    A pure decision (nothing is initialised), so the processes of one machine all make the same
+    one (on machines with different GPU counts, set ``train.device`` explicitly). NCCL needs one
+    GPU per process: ``cuda`` (and ``auto``) put local rank r on GPU r only when the machine has
+    at least as many GPUs as processes.
+
+    Args:
+        device: "auto", "cpu" or "cuda" (``train.device``).
+        world_size: processes in the whole run (1: a single process).
+        local_world_size: processes on this machine (None: all ``world_size`` of them).
+        local_rank: this process's index on this machine.
+        cuda_count: CUDA GPUs visible here (``visible_gpu_count()``).
+
+    Returns:
+        ("nccl", cuda:local_rank) or ("gloo", cpu).
+
+    Raises:
+        ConfigError: an unknown ``device``, or ``cuda`` without a GPU for every local process.
+
+    Example:
+        >>> choose_backend("auto", world_size=2, local_rank=1, cuda_count=2)
+        ('nccl', device(type='cuda', index=1))
+        >>> choose_backend("cpu", world_size=2, cuda_count=2)
+        ('gloo', device(type='cpu'))
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"train.device={device!r} is unknown; choose one of {', '.join(DEVICES)}")
+    cpu = ("gloo", torch.device("cpu"))
+    if device == "cpu":
+        return cpu
+    if cuda_count == 0:
+        if device == "cuda":
+            raise ConfigError(
+                "train.device=cuda but no CUDA GPU is visible; use --device cpu or auto"
+            )
+        return cpu
+    if local_world_size is None:
+        local_world_size = world_size
+    if cuda_count < local_world_size:  # NCCL cannot share one GPU between two ranks
+        counts = f"{cuda_count} CUDA GPU(s) for {local_world_size} processes on this machine"
+        if device == "cuda":
+            raise ConfigError(
+                f"train.device=cuda needs one GPU per process, but there are {counts}: start at "
+                f"most {cuda_count} (torchrun --nproc_per_node {cuda_count}), or pass "
+                "--device cpu to train on the CPU with gloo"
+            )
+        if local_rank == 0:  # every rank decides the same; one note per machine
+            log.warning(
+                "train.device=auto: %s, so every process trains on the CPU with gloo; start at "
+                "most %d (torchrun --nproc_per_node %d) to use the GPUs, or pass --device cpu "
+                "to choose the CPU without this note", counts, cuda_count, cuda_count,
+            )  # fmt: skip
+        return cpu
+    return "nccl", torch.device("cuda", local_rank)
+
+
+def setup_distributed(mode: str, device: str = "auto") -> DistContext:
     """Join the process group ``torchrun`` describes in the environment, if any.
 
     Args:
         mode: "none", "ddp", "fsdp", or "auto" (ddp when WORLD_SIZE > 1, else none).
+        device: "auto", "cpu" or "cuda": where to compute (see ``choose_backend``).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun sets it; else assume one machine
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if mode == "auto":
         mode = "ddp" if world_size > 1 else "none"
-    cuda = torch.cuda.is_available()
+    if mode == "none" and world_size > 1:
+        raise ValueError(
+            f"train.distributed=none, but WORLD_SIZE={world_size}: use ddp or fsdp under "
+            "torchrun, or run a single process"
+        )
+    backend, where = choose_backend(
+        device, world_size=world_size, local_world_size=None if local is None else int(local),
+        local_rank=local_rank, cuda_count=visible_gpu_count(),
+    )  # fmt: skip
     if mode == "none":
-        if world_size > 1:
-            raise ValueError(
-                f"train.distributed=none, but WORLD_SIZE={world_size}: use ddp or fsdp under "
-                "torchrun, or run a single process"
-            )
-        return DistContext(mode="none", device=torch.device("cuda" if cuda else "cpu"))
+        return DistContext(mode="none", device=where)
+    if where.type == "cuda":
+        torch.cuda.set_device(where)  # before the group forms: NCCL binds to the current GPU
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30)
-        )
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
         owns = True
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cpu")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    return DistContext(mode=mode, rank=rank, world_size=world_size, device=device, owns_group=owns)
+    return DistContext(mode=mode, rank=rank, world_size=world_size, device=where, owns_group=owns)
 
 
 def layer_stacks(model: nn.Module) -> list[nn.Module]:

@@ -17,6 +17,7 @@ several ranks, or one big batch all take the same step (up to float rounding).
 A run lives in one directory::
 
     config.yaml    the exact config         metrics.csv   one row per step (+ eval columns)
+    run.json       data fingerprint, versions, device, precision, whether it follows the clock
     checkpoints/   the last K and the best  samples.txt   samples of language models
     loss.png       train and val loss       final/        the model + tokenizer.json, loadable
                                                           with qkv.from_pretrained / qkv generate
@@ -32,6 +33,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ import yaml
 from torch import Tensor, nn
 
 from qkv._io import atomic_write_text
+from qkv._kernels import onednn_available
 from qkv.interop.files import CheckpointError
 from qkv.models.base import FAMILIES, QkvModel, config_to_dict
 from qkv.train import checkpoint as ckpt
@@ -50,18 +53,21 @@ from qkv.train.config import ConfigError, TrainConfig, config_from_dict
 from qkv.train.config import config_to_dict as train_config_to_dict
 from qkv.train.distributed import (
     DistContext,
+    choose_backend,
     gather_full_state,
     gradient_sync,
     layer_stacks,
     local_tensor,
     setup_distributed,
     unwrap,
+    visible_gpu_count,
     wrap_model,
 )
 from qkv.train.evaluate import Evaluator
 from qkv.train.metrics import MetricsLog, StepMetrics, TrainCallback, plot_losses
 from qkv.train.objectives import Batch, CausalLM, Classification, MaskedLM, Objective, Seq2Seq
 from qkv.train.optim import build_optimizer
+from qkv.train.runinfo import describe_run, record_run
 from qkv.train.schedule import LRSchedule
 
 __all__ = [
@@ -82,9 +88,12 @@ CONFIG_FILE = "config.yaml"
 FINAL = "final"
 
 # What may change when a run is resumed: budgets and cadence, not what is being computed.
+# train.device too: weights and optimizer state load onto any device, so a CPU run may go on
+# on a GPU; it continues bit-exactly only on the kind of device it was saved on (under auto,
+# whatever the machine offers: pin cpu or cuda to be sure).
 RESUMABLE_KEYS = frozenset(
     {"train.max_steps", "train.max_time", "train.eval_every", "train.eval_batches",
-     "train.checkpoint_every", "train.keep_last", "train.threads"}
+     "train.checkpoint_every", "train.keep_last", "train.threads", "train.device"}
 )  # fmt: skip
 
 
@@ -107,14 +116,21 @@ def default_cache_dir() -> Path:
 # -- precision ------------------------------------------------------------------------------
 
 
-def _cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX on x86, BF16 on Arm)."""
+def _cpuinfo() -> str:
+    """The text of /proc/cpuinfo ("" where there is none: macOS, Windows)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        flags = ""
+        return ""
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX on x86, BF16 on Arm)
+    and PyTorch's oneDNN runs bfloat16 products here (it refuses them on AVX2-only x86, and
+    when capped below AVX-512 with ``ONEDNN_MAX_CPU_ISA``)."""
+    flags = _cpuinfo()
     native = any(f in flags for f in ("avx512_bf16", "amx_bf16", " bf16"))
-    if not native:
+    if not native or not onednn_available(torch.bfloat16):
         return False
     try:  # and that torch runs a bf16 matmul here
         a = torch.ones(4, 4, dtype=torch.bfloat16)
@@ -470,12 +486,34 @@ def train(
     c = config.train
     if c.threads:
         torch.set_num_threads(c.threads)
-    ctx = setup_distributed(c.distributed)
+    ctx = setup_distributed(c.distributed, c.device)
     try:
-        return _train(config, run_dir, resume, Path(cache_dir or default_cache_dir()), callback,
-                      ctx)  # fmt: skip
+        with _deterministic(c.deterministic, ctx.device):
+            return _train(config, run_dir, resume, Path(cache_dir or default_cache_dir()),
+                          callback, ctx)  # fmt: skip
     finally:
         ctx.close()
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool, device: torch.device) -> Iterator[None]:
+    """PyTorch's deterministic algorithms for the run (``train.deterministic``), then the
+    caller's setting back. On the CPU qkv's training ops are deterministic for a given thread
+    count already; on GPUs some backward kernels (scatter-adds, some attention and cuBLAS
+    reductions) are not, and this switch picks deterministic ones or raises naming the op."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    if device.type == "cuda":  # cuBLAS needs a fixed workspace to reduce in a fixed order
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 def _train(
@@ -508,7 +546,8 @@ def _train(
         max_steps=c.max_steps, max_seconds=c.max_seconds,
     )  # fmt: skip
     forward_model: nn.Module = torch.compile(model) if c.compile else model  # type: ignore[assignment]
-    autocast = _autocast_factory(autocast_dtype(c.precision, ctx.device), ctx.device)
+    precision = autocast_dtype(c.precision, ctx.device)
+    autocast = _autocast_factory(precision, ctx.device)
     # Dropout differs across ranks (their rows differ); rank 0 draws what one process would.
     torch.manual_seed(c.seed + 1_000_003 * ctx.rank)
 
@@ -524,6 +563,12 @@ def _train(
         best_loss = state["best_loss"] if state["best_loss"] is not None else math.inf
         best_step = state["best_step"]
         log.info("resumed %s at step %d", run_dir, step)
+    info = describe_run(config, source, device=ctx.device, world_size=ctx.world_size,
+                        autocast=precision)  # fmt: skip
+    record_run(run_dir, info, step, write=ctx.is_main)  # refuses a resume on other data
+    for note in info["notes"]:
+        log.info("%s", note)
+    callback.on_run_info(info)
     metrics_log = None
     if ctx.is_main:
         metrics_log = MetricsLog(
@@ -662,8 +707,9 @@ def _plain_model(
 
 
 def evaluate_run(
-    run_dir: str | Path, *, checkpoint: str = "final", cache_dir: str | Path | None = None
-) -> dict[str, float]:
+    run_dir: str | Path, *, checkpoint: str = "final", cache_dir: str | Path | None = None,
+    device: str | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Evaluate a finished (or interrupted) run on its validation split.
 
     Args:
@@ -671,6 +717,8 @@ def evaluate_run(
         checkpoint: ``"final"`` (the exported model), ``"best"`` (the checkpoint with the lowest
             validation loss) or ``"latest"`` (the newest checkpoint).
         cache_dir: the tokenized-corpus cache (default ``~/.cache/qkv/data``).
+        device: "auto", "cpu" or "cuda", chosen as for one training process (None: the run's
+            ``train.device``).
 
     Returns:
         The evaluation's metrics (``val_loss``, ``val_acc``, ...).
@@ -707,6 +755,10 @@ def evaluate_run(
         load_state_dict_strict(model, weights)
     else:
         raise ValueError(f"checkpoint={checkpoint!r}: use final, best or latest")
+    _, where = choose_backend(
+        device or config.train.device, world_size=1, cuda_count=visible_gpu_count()
+    )
+    model.to(where)
     objective = build_objective(config, source, model.config)
     evaluator = Evaluator(config, objective, source, tokenizer)
     autocast = _autocast_factory(autocast_dtype(config.train.precision, model.device), model.device)

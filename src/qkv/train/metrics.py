@@ -62,6 +62,9 @@ class TrainCallback:
                  num_parameters: int) -> None:  # fmt: skip
         """Training is about to begin (``start_step`` > 0 when resuming)."""
 
+    def on_run_info(self, info: dict[str, Any]) -> None:
+        """What the run trains on and under (``run.json``; see ``qkv.train.runinfo``)."""
+
     def on_step(self, metrics: StepMetrics) -> None:
         """An optimizer step finished (with ``metrics.eval`` filled on evaluation steps)."""
 
