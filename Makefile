@@ -33,6 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks docs/figures
 	$(BIN)/ruff format --check src tests benchmarks docs/figures
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 browser:
 	test -x $(CHROMIUM) || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)

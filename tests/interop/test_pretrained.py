@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qkv._io import TMP_PREFIX, atomic_write, atomic_write_text, sweep_stale_temporaries
-from qkv.interop import CheckpointError, from_pretrained, save_pretrained
+from qkv.interop import CheckpointError, from_pretrained, resolve_checkpoint, save_pretrained
 from qkv.models.base import ModelOutput, QkvModel
 
 
@@ -173,6 +176,63 @@ def test_unknown_name_offline_says_what_to_do(monkeypatch) -> None:
         CheckpointError, match=r"could not find 'no-such-org/no-such-model'.*Offline"
     ):
         from_pretrained("no-such-org/no-such-model")
+
+
+def fake_hub(monkeypatch, snapshot_download, errors_module: str = "errors") -> type[Exception]:
+    """Install a stand-in ``huggingface_hub`` whose ``snapshot_download`` is the one given.
+
+    Its "not in the local cache" exception lives in ``huggingface_hub.<errors_module>``
+    (``errors`` today, ``utils`` in older releases); it is returned for the fake to raise.
+    """
+
+    class LocalEntryNotFoundError(FileNotFoundError):
+        pass
+
+    def module(name: str) -> types.ModuleType:
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        return mod
+
+    hub = module("huggingface_hub")
+    hub.snapshot_download = snapshot_download  # type: ignore[attr-defined]
+    holder = module(f"huggingface_hub.{errors_module}")
+    holder.LocalEntryNotFoundError = LocalEntryNotFoundError  # type: ignore[attr-defined]
+    for name in ("huggingface_hub", "huggingface_hub.errors", "huggingface_hub.utils"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.setitem(sys.modules, holder.__name__, holder)
+    return LocalEntryNotFoundError
+
+
+@pytest.mark.parametrize("errors_module", ["errors", "utils"])
+def test_a_name_not_in_the_cache_is_downloaded(monkeypatch, tmp_path, errors_module) -> None:
+    calls: list[bool] = []
+
+    def snapshot_download(name, *, allow_patterns, local_files_only=False):
+        calls.append(local_files_only)
+        if local_files_only:
+            raise not_cached("nothing cached for this name")
+        return str(tmp_path)
+
+    not_cached = fake_hub(monkeypatch, snapshot_download, errors_module)
+    assert resolve_checkpoint("some-org/some-model") == tmp_path
+    assert calls == [True, False]  # the cache first, then the download
+
+
+def test_a_corrupt_cache_is_reported_not_swallowed(monkeypatch) -> None:
+    calls: list[bool] = []
+
+    def snapshot_download(name, *, allow_patterns, local_files_only=False):
+        calls.append(local_files_only)
+        raise OSError("snapshot folder is corrupt")
+
+    fake_hub(monkeypatch, snapshot_download)
+    with pytest.raises(
+        CheckpointError,
+        match=r"local Hugging Face cache failed: OSError: snapshot folder is corrupt",
+    ):
+        resolve_checkpoint("some-org/some-model")
+    assert calls == [True]  # no download attempt hides it
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:

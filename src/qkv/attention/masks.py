@@ -1,13 +1,22 @@
 """Attention masks: which keys each query may see.
 
 A mask is a plain boolean tensor, True = may attend, that broadcasts to the scores (..., T, S).
-Masks combine with ``&`` (both allow) and ``|`` (either allows)::
+Masks combine with ``&`` (both allow) and ``|`` (either allows). One sequence of 4 positions,
+the last of which is padding (``max_len=4`` gives the padding mask the same S as the causal one)::
 
-    causal(4)           padding([3])          causal(4) & padding([3])
+    causal(4)           padding([3], 4)       causal(4) & padding([3], 4)
     1 . . .             1 1 1 .               1 . . .
     1 1 . .             (every row)           1 1 . .
     1 1 1 .                                   1 1 1 .
     1 1 1 1                                   1 1 1 .
+
+    (T, S) = (4, 4)     (B, 1, 1, S)          (B, 1, T, S) = (1, 1, 4, 4)
+
+>>> (causal(4) & padding([3], 4)).int()[0, 0]
+tensor([[1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+        [1, 1, 1, 0]], dtype=torch.int32)
 
 * causal: generation must not peek at the future (GPT, decoders).
 * padding: batches pad short sequences; real tokens must not attend to the padding.

@@ -27,7 +27,7 @@ from qkv.interop.registry import (
     converter_for_model_type,
     supported_model_types,
 )
-from qkv.models.base import FAMILIES, QkvModel, config_from_dict, config_to_dict
+from qkv.models.base import FAMILIES, QkvModel, model_config_from_dict, model_config_to_dict
 
 __all__ = ["from_pretrained", "load_state_dict_strict", "resolve_checkpoint", "save_pretrained"]
 
@@ -48,6 +48,18 @@ def _packaged_model_dir(name: str) -> Path | None:
         return None
     module = importlib.import_module(package)
     return Path(module.__file__).resolve().parent / "model"  # type: ignore[arg-type]
+
+
+def _not_in_cache_errors() -> tuple[type[Exception], ...]:
+    """The exceptions with which ``huggingface_hub`` says "this is not in the local cache"."""
+    try:  # huggingface_hub >= 0.24 gathers its exceptions in `errors`
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        try:  # older releases export them from `utils`
+            from huggingface_hub.utils import LocalEntryNotFoundError
+        except ImportError:  # older still: LocalEntryNotFoundError was a FileNotFoundError
+            return (FileNotFoundError,)
+    return (LocalEntryNotFoundError,)
 
 
 # --8<-- [start:resolve]
@@ -85,8 +97,13 @@ def resolve_checkpoint(path_or_name: str | os.PathLike[str]) -> Path:
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*"]
     try:
         return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # not in the local cache: try the network below
+    except _not_in_cache_errors():  # not in the local cache: try the network below
         pass
+    except Exception as e:  # a corrupt cache, a bad name, ...: say so rather than download
+        raise CheckpointError(
+            f"{name!r} is not a local directory, and looking it up in the local Hugging Face "
+            f"cache failed: {type(e).__name__}: {e}"
+        ) from e
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:
@@ -161,7 +178,7 @@ def from_pretrained(
                 f"have (it has {sorted(FAMILIES)}); upgrade qkv"
             )
         model_class = FAMILIES[family]
-        config = config_from_dict(model_class.config_class, hf_config.get("config", {}))
+        config = model_config_from_dict(model_class.config_class, hf_config.get("config", {}))
         tensors = read_weights(directory)
     elif "model_type" not in hf_config:
         raise CheckpointError(
@@ -218,7 +235,7 @@ def save_pretrained(
         config = {
             QKV_FAMILY_KEY: model.family,
             "qkv_version": __version__,
-            "config": config_to_dict(model.config),
+            "config": model_config_to_dict(model.config),
         }
         tensors = state
     write_checkpoint(out, config, tensors)

@@ -25,6 +25,8 @@ __all__ = [
     "QkvModel",
     "config_from_dict",
     "config_to_dict",
+    "model_config_from_dict",
+    "model_config_to_dict",
 ]
 
 
@@ -60,13 +62,13 @@ class ModelOutput:
 FAMILIES: dict[str, type[QkvModel]] = {}
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A config dataclass as plain JSON-ready data."""
+def model_config_to_dict(config: Any) -> dict[str, Any]:
+    """A model family's config dataclass as plain JSON-ready data."""
     return dataclasses.asdict(config)
 
 
-def config_from_dict(config_class: type, data: dict[str, Any]) -> Any:
-    """Build ``config_class`` from a dict, naming any key it does not know."""
+def model_config_from_dict(config_class: type, data: dict[str, Any]) -> Any:
+    """Build the model config ``config_class`` from a dict, naming any key it does not know."""
     fields = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(data) - fields)
     if unknown:
@@ -81,6 +83,13 @@ def config_from_dict(config_class: type, data: dict[str, Any]) -> Any:
             value = tuple(value)
         values[key] = value
     return config_class(**values)
+
+
+# The older names, kept so that existing imports still work. ``qkv.train`` has its own
+# ``config_to_dict`` / ``config_from_dict`` for the whole run config (a ``TrainConfig``); the
+# ``model_`` names above say which of the two pairs this is.
+config_to_dict = model_config_to_dict
+config_from_dict = model_config_from_dict
 
 
 class QkvModel(nn.Module):
