@@ -40,11 +40,20 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 
 
 def run_qkv(
-    args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300
+    args: list[str],
+    *,
+    kill_at: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m qkv ARGS`` in a fresh process, one thread per op (deterministic)."""
+    """``python -m qkv ARGS`` in a fresh process, one thread per op (deterministic).
+
+    ``kill_at`` ("checkpoint:20", "step:33") runs it through ``tests.train.killer`` instead,
+    which SIGKILLs the process at that point of the training loop.
+    """
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    command = ["-m", "qkv"] if kill_at is None else ["-m", "tests.train.killer", kill_at]
     return subprocess.run(
-        [sys.executable, "-m", "qkv", *args], capture_output=True, text=True, env=full_env,
+        [sys.executable, *command, *args], capture_output=True, text=True, env=full_env,
         timeout=timeout, cwd=ROOT,
     )  # fmt: skip

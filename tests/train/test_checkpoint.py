@@ -6,9 +6,11 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from qkv._io import TMP_PREFIX
+from qkv.interop.files import CheckpointError
 from qkv.train import checkpoint as ckpt
 
 
@@ -71,3 +73,30 @@ def test_prune_keeps_the_last_k_and_the_best(tmp_path: Path) -> None:
         _fake_checkpoint(tmp_path, step)
     ckpt.prune_checkpoints(tmp_path, keep_last=2, best_step=2)
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [2, 4, 5]
+
+
+def test_fsdp_rank_shards_join_back_into_the_whole_weights(tmp_path: Path) -> None:
+    # FSDP2's layout, as a 3-rank run writes it: each parameter split along dim 0 into
+    # torch.chunk's pieces (7 rows -> 3, 3, 1; 1 row -> 1, 0, 0), each buffer whole on every
+    # rank. (tests/train/test_distributed.py checks it against a real FSDP run.)
+    whole = {"emb": torch.randn(7, 3), "bias": torch.randn(5), "one": torch.randn(1, 2),
+             "buffer": torch.arange(4.0), "scalar": torch.tensor(2.0)}  # fmt: skip
+    sharded = {"emb", "bias", "one"}
+    for rank in range(3):
+        shard = {}
+        for name, t in whole.items():
+            if name in sharded:
+                pieces = list(torch.chunk(t, 3))
+                pieces += [t[:0]] * (3 - len(pieces))  # torch.chunk may give fewer pieces
+                shard[name] = pieces[rank]
+            else:
+                shard[name] = t
+        ckpt.write_tensors(tmp_path / f"model-rank{rank}.safetensors", shard)
+    shapes = {name: t.shape for name, t in whole.items()}
+    got = ckpt.read_model_weights(tmp_path, {"world_size": 3}, shapes)
+    assert got.keys() == whole.keys()
+    for name, t in whole.items():
+        assert torch.equal(got[name], t), name
+    # A model of another shape is refused, naming the tensor.
+    with pytest.raises(CheckpointError, match="emb"):
+        ckpt.read_model_weights(tmp_path, {"world_size": 3}, {**shapes, "emb": torch.Size([8, 3])})

@@ -20,6 +20,7 @@ from torch import distributed as dist
 from qkv.train import distributed
 from qkv.train.config import ConfigError
 from qkv.train.distributed import choose_backend, setup_distributed
+from qkv.train.loop import evaluate_run
 from qkv.train.metrics import read_metrics
 
 from .helpers import ROOT, run_qkv, write_config
@@ -88,6 +89,12 @@ def test_two_gloo_processes_equal_one_process(mode: str, tmp_path: Path, cache_d
     assert both.returncode == 0, both.stderr[-3000:]
     _compare(run, reference)
     assert (run / "checkpoints").is_dir() and (run / "loss.png").is_file()
+    # `qkv eval --checkpoint latest` in one process: FSDP's rank shards are joined back.
+    latest = evaluate_run(run, checkpoint="latest", cache_dir=cache_dir)
+    assert latest == pytest.approx(evaluate_run(run, cache_dir=cache_dir), abs=1e-6)
+    one = evaluate_run(reference, checkpoint="latest", cache_dir=cache_dir)
+    assert latest["val_loss"] == pytest.approx(one["val_loss"], abs=1e-6)
+    assert latest == pytest.approx(one, rel=1e-5)  # perplexity is exp(loss)
 
 
 # -- where each process computes: train.device ------------------------------------------------

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from qkv.models.bert import PRESETS as BERT
 from qkv.models.bert import Bert
 from qkv.models.gpt import GPT, GPTConfig
 from qkv.models.vit import PRESETS as VIT
 from qkv.models.vit import ViT
+from qkv.train import config_from_dict, train
 from qkv.train.config import OptimConfig
+from qkv.train.metrics import read_metrics
 from qkv.train.optim import build_optimizer, param_groups
+
+from .helpers import TINY_GPT, with_overrides
 
 
 def _names(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> set[str]:
@@ -53,19 +61,53 @@ def test_build_optimizer_settings() -> None:
     assert opt.param_groups[0]["betas"] == (0.8, 0.9)
 
 
-def test_activation_checkpointing_gives_the_same_gradients() -> None:
-    from qkv.train.loop import enable_activation_checkpointing
+def test_activation_checkpointing_gives_the_same_gradients_and_state_dict() -> None:
+    from qkv.train.build import CheckpointedLayer, enable_activation_checkpointing
 
     config = GPTConfig(vocab_size=30, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
                        dropout=0.1)  # fmt: skip
     ids = torch.randint(0, 30, (2, 8))
-    grads = []
+    models, losses, grads = [], [], []
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same weights and the same dropout masks
         model = GPT(config)
         if checkpointing:
             enable_activation_checkpointing(model)
-        model(ids, labels=ids).loss.backward()
+            assert all(isinstance(layer, CheckpointedLayer) for layer in model.layers)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        models.append(model)
+        losses.append(loss.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=0)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    # The wrappers are invisible in state dicts: the same keys in the same order, both ways.
+    plain, wrapped = models
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    assert not any(".layer." in name for name in wrapped.state_dict())
+    changed = {name: t + 1 for name, t in plain.state_dict().items()}
+    wrapped.load_state_dict(changed, strict=True)
+    for name, tensor in wrapped.state_dict().items():
+        assert torch.equal(tensor, changed[name]), name
+
+
+def test_a_run_with_activation_checkpointing_trains_and_saves_the_same(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    runs = []
+    for checkpointing in (False, True):
+        config = with_overrides(
+            TINY_GPT, train={"max_steps": 4, "checkpoint_every": 2, "eval_every": 2,
+                             "activation_checkpointing": checkpointing},
+        )  # fmt: skip
+        run = tmp_path / str(checkpointing)
+        train(config_from_dict(config), run, cache_dir=cache_dir)
+        runs.append(run)
+    plain, wrapped = ([float(r["loss"]) for r in read_metrics(run / "metrics.csv")] for run in runs)
+    assert wrapped == pytest.approx(plain, abs=1e-6)
+    for file in ("final/model.safetensors", "checkpoints/step-00000004/model.safetensors"):
+        a, b = (load_file(str(run / file)) for run in runs)
+        assert list(a) == list(b), file
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import qkv.train.loop as loop
+import qkv.train.build as build
 from qkv.train.loop import autocast_dtype
 
 CPU = torch.device("cpu")
@@ -29,8 +29,8 @@ def test_auto_picks_bf16_only_where_it_is_native_and_runs(
     onednn_bf16: bool,
     expected: torch.dtype | None,
 ) -> None:
-    monkeypatch.setattr(loop, "_cpuinfo", lambda: cpuinfo)
-    monkeypatch.setattr(loop, "onednn_available", lambda dtype=torch.float32: onednn_bf16)
+    monkeypatch.setattr(build, "_cpuinfo", lambda: cpuinfo)
+    monkeypatch.setattr(build, "onednn_available", lambda dtype=torch.float32: onednn_bf16)
     assert autocast_dtype("auto", CPU) == expected
     # An explicit choice is obeyed on every CPU.
     assert autocast_dtype("fp32", CPU) is None

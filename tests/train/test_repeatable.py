@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from qkv.cli.main import main
 from qkv.interop.files import CheckpointError
 from qkv.train import TrainCallback, config_from_dict, train
-from qkv.train.checkpoint import KILL_ENV, complete_checkpoints
+from qkv.train.checkpoint import complete_checkpoints
 from qkv.train.metrics import read_metrics
 from qkv.train.runinfo import RUN_INFO
 
@@ -91,11 +91,11 @@ def test_step_budget_runs_of_a_preset_are_repeatable_and_survive_two_kills(
     assert len(_losses(first)) == 30
     assert _losses(first) == _losses(second)
 
-    died = run_qkv([*args, "--out", str(killed)], env={KILL_ENV: "checkpoint:15"})
+    died = run_qkv([*args, "--out", str(killed)], kill_at="checkpoint:15")
     assert died.returncode == -signal.SIGKILL, died.stderr
     assert [s for s, _ in complete_checkpoints(killed / "checkpoints")][-1] == 10
     died = run_qkv(["train", "--resume", str(killed), *common, "--quiet"],
-                   env={KILL_ENV: "step:23"})  # fmt: skip
+                   kill_at="step:23")  # fmt: skip
     assert died.returncode == -signal.SIGKILL, died.stderr
     done = run_qkv(["train", "--resume", str(killed), *common, "--quiet"])
     assert done.returncode == 0, done.stderr

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from qkv._io import TMP_PREFIX
-from qkv.train.checkpoint import KILL_ENV, complete_checkpoints
+from qkv.train.checkpoint import complete_checkpoints
 from qkv.train.metrics import read_metrics
 
 from .helpers import TINY_GPT, run_qkv, with_overrides, write_config
@@ -38,7 +38,7 @@ def test_sigkill_mid_checkpoint_and_after_a_step_then_resume_is_bit_exact(
 
     # 1. Killed while writing the checkpoint of step 20: step 15 stays the newest complete one.
     killed = run_qkv(["train", "--config", str(config), "--out", str(resumed), *common],
-                     env={KILL_ENV: "checkpoint:20"})  # fmt: skip
+                     kill_at="checkpoint:20")  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     checkpoints = resumed / "checkpoints"
     assert [s for s, _ in complete_checkpoints(checkpoints)] == [10, 15]
@@ -46,7 +46,7 @@ def test_sigkill_mid_checkpoint_and_after_a_step_then_resume_is_bit_exact(
     assert len(read_metrics(resumed / "metrics.csv")) == 20  # rows 16..20 are redone
 
     # 2. Resumed, then killed right after step 33 (between checkpoints).
-    killed = run_qkv(["train", "--resume", str(resumed), *common], env={KILL_ENV: "step:33"})
+    killed = run_qkv(["train", "--resume", str(resumed), *common], kill_at="step:33")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [s for s, _ in complete_checkpoints(checkpoints)] == [25, 30]
     assert not any(p.name.startswith(TMP_PREFIX) for p in checkpoints.iterdir())  # swept

@@ -2,9 +2,11 @@
 
 Read in this order: ``config`` (a run as typed data), ``schedule`` (learning rate over time),
 ``optim`` (AdamW and which parameters decay), ``objectives`` (what is predicted and the loss),
-``evaluate`` (validation metrics, samples), ``checkpoint`` (atomic, resumable checkpoints),
-``distributed`` (DDP and FSDP2), ``metrics`` (CSV, TensorBoard, the loss curve), ``loop`` (all
-of it together), ``presets`` (named runs).
+``build`` (model, objective and precision from a config), ``evaluate`` (validation metrics,
+samples), ``checkpoint`` (atomic, resumable checkpoints), ``rundir`` (the run directory and
+what may change on resume), ``distributed`` (DDP and FSDP2), ``metrics`` (CSV, TensorBoard, the
+loss curve), ``state`` (a run's parts and progress), ``loop`` (all of it together), ``presets``
+(named runs).
 
 Example:
     >>> from qkv.train import config_from_dict

@@ -21,6 +21,10 @@ reverse: renamed to a temporary name first, deleted after.
 
 Batches are pure functions of (seed, step), so the step is the data position: a resumed run
 draws exactly the batches the uninterrupted run would have drawn.
+
+The loop writes and restores its checkpoints with ``save_checkpoint`` and ``load_checkpoint``
+(every rank calls them; rank 0 commits); ``read_model_weights`` gives the whole weights of a
+checkpoint back, joining FSDP's rank shards.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import os
 import random
 import re
 import shutil
-import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +45,25 @@ from torch import Tensor
 
 from qkv._io import TMP_PREFIX, sweep_stale_temporaries
 from qkv.interop.files import CheckpointError
+from qkv.train.distributed import DistContext, local_tensor, unwrap
 
 __all__ = [
     "CHECKPOINTS",
     "MANIFEST",
     "checkpoint_dir",
     "complete_checkpoints",
+    "fault_point",
     "get_rng_state",
     "latest_checkpoint",
+    "load_checkpoint",
     "optimizer_state_from_files",
     "optimizer_state_to_files",
     "prune_checkpoints",
     "read_json",
+    "read_model_weights",
+    "save_checkpoint",
     "set_rng_state",
     "sweep_checkpoints",
-    "test_kill_point",
 ]
 
 CHECKPOINTS = "checkpoints"
@@ -63,15 +71,16 @@ MANIFEST = "manifest.json"
 STATE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
-# For tests only: "checkpoint:<step>" kills the process (SIGKILL) halfway through writing the
-# checkpoint of <step>; "step:<step>" right after step <step> was logged.
-KILL_ENV = "QKV_TRAIN_TEST_KILL"
+# Fault injection, for the tests only (tests/train/killer.py installs it to SIGKILL a run):
+# called with ("checkpoint", step) halfway through writing the checkpoint of step, and with
+# ("step", step) right after step was logged.
+_fault_hook: Callable[[str, int], None] | None = None
 
 
-def test_kill_point(point: str, step: int) -> None:
-    """Kill this process with SIGKILL if the test hook ``QKV_TRAIN_TEST_KILL`` names this point."""
-    if os.environ.get(KILL_ENV) == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+def fault_point(point: str, step: int) -> None:
+    """A point where a test may interrupt the run (nothing happens unless one installed a hook)."""
+    if _fault_hook is not None:
+        _fault_hook(point, step)
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -271,3 +280,150 @@ def read_checkpoint_files(path: Path, names: list[str]) -> dict[str, dict[str, T
             raise CheckpointError(f"{path} has no {name}; the checkpoint is incomplete")
         out[name] = load_file(str(file))
     return out
+
+
+# -- the loop's checkpoints ---------------------------------------------------------------------
+
+
+def _model_file(ctx: DistContext) -> str:
+    return f"model-rank{ctx.rank}.safetensors" if ctx.mode == "fsdp" else "model.safetensors"
+
+
+def _optim_file(ctx: DistContext) -> str:
+    return (
+        f"optimizer-rank{ctx.rank}.safetensors" if ctx.mode == "fsdp" else "optimizer.safetensors"
+    )
+
+
+def save_checkpoint(
+    root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    state: dict[str, Any], ctx: DistContext,
+) -> Path | None:  # fmt: skip
+    """Write the checkpoint of ``step`` (every rank calls this; rank 0 commits it).
+
+    Args:
+        root: the run's checkpoints/ directory.
+        step: the optimizer steps taken.
+        model: what the loop trains (DDP-wrapped, FSDP-sharded or plain).
+        optimizer: its optimizer.
+        state: the loop's JSON state (step, clock, best loss, config, ``world_size``).
+        ctx: this process's place in the run; under FSDP every rank writes its shards.
+
+    Returns:
+        The committed checkpoint's directory on rank 0, None on the other ranks.
+    """
+    tmp = root / f"{TMP_PREFIX}step-{step:08d}"
+    if ctx.is_main:
+        begin_checkpoint(root, step)
+    ctx.barrier()
+    sharded = ctx.mode == "fsdp"
+    rng_tensors, rng_json = get_rng_state()
+    write_tensors(tmp / f"rng-rank{ctx.rank}.safetensors", rng_tensors)
+    write_json(tmp / f"rng-rank{ctx.rank}.json", rng_json)
+    if sharded or ctx.is_main:
+        weights = {k: local_tensor(v) for k, v in unwrap(model).state_dict().items()}
+        write_tensors(tmp / _model_file(ctx), weights)
+        fault_point("checkpoint", step)  # tests: die with the checkpoint half written
+        optim_state = optimizer.state_dict()  # its entries are the live state: copy, not edit
+        optim_state["state"] = {
+            index: {k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in entry.items()}
+            for index, entry in optim_state["state"].items()
+        }
+        tensors, data = optimizer_state_to_files(optim_state)
+        write_tensors(tmp / _optim_file(ctx), tensors)
+        if ctx.is_main:
+            write_json(tmp / STATE, {**state, "optimizer": data})
+    ctx.barrier()
+    final = finish_checkpoint(tmp, root, step) if ctx.is_main else None
+    ctx.barrier()
+    return final
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext
+) -> dict[str, Any]:
+    """Restore a checkpoint into ``model`` and ``optimizer``, and the random states of this
+    rank; returns its state.json."""
+    state = read_json(path / STATE)
+    if state.get("world_size", 1) != ctx.world_size and ctx.mode == "fsdp":
+        raise CheckpointError(
+            f"{path} holds FSDP shards of {state.get('world_size')} ranks; resume it with "
+            f"that many processes (this run has {ctx.world_size})"
+        )
+    files = read_checkpoint_files(path, [_model_file(ctx), _optim_file(ctx)])
+    weights = files[_model_file(ctx)]
+    target = unwrap(model).state_dict()
+    missing = sorted(set(target) ^ set(weights))
+    if missing:
+        raise CheckpointError(
+            f"{path} does not fit this model (tensors {missing[:5]} differ): it was saved from "
+            "a different config; resume it with the config in its run's config.yaml"
+        )
+    with torch.no_grad():
+        for name, tensor in target.items():
+            local = local_tensor(tensor)
+            if local.shape != weights[name].shape:
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(weights[name].shape)} there and "
+                    f"{tuple(local.shape)} here: it was saved from a different config"
+                )
+            local.copy_(weights[name])
+    optim_state = optimizer_state_from_files(files[_optim_file(ctx)], state["optimizer"])
+    if ctx.mode == "fsdp":  # wrap the local shards back into DTensors like the parameters'
+        from torch.distributed.tensor import DTensor
+
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for index, entry in optim_state["state"].items():
+            param = params[int(index)]
+            for k, v in entry.items():
+                if isinstance(param, DTensor) and v.dim() > 0:
+                    entry[k] = DTensor.from_local(v, param.device_mesh, param.placements)
+    optimizer.load_state_dict(optim_state)
+    rng = read_checkpoint_files(path, [f"rng-rank{ctx.rank}.safetensors"])
+    rng_json = read_json(path / f"rng-rank{ctx.rank}.json")
+    set_rng_state(rng[f"rng-rank{ctx.rank}.safetensors"], rng_json)
+    return state
+
+
+def read_model_weights(
+    path: Path, state: dict[str, Any], shapes: dict[str, torch.Size]
+) -> dict[str, Tensor]:
+    """The whole weights of a checkpoint, in one process, whatever wrote them.
+
+    One process and DDP write ``model.safetensors``. FSDP2 writes each rank's shard,
+    ``model-rank{r}.safetensors`` of ``state["world_size"]`` ranks: it shards every parameter
+    along dim 0 (``Shard(0)``) in ``torch.chunk``'s even pieces, rank r holding piece r (the
+    last ranks' pieces may be shorter or empty), and keeps buffers whole on every rank. So the
+    ranks' pieces joined along dim 0 in rank order, cut to the model's length, are the whole
+    tensor (for a whole buffer: rank 0's copy).
+
+    Args:
+        path: the checkpoint's directory.
+        state: its state.json.
+        shapes: name -> shape of the model's state dict (what the weights must fit).
+
+    Raises:
+        CheckpointError: a file is missing, or the pieces do not make the model's tensors.
+    """
+    if (path / "model.safetensors").is_file():
+        return read_checkpoint_files(path, ["model.safetensors"])["model.safetensors"]
+    names = [f"model-rank{r}.safetensors" for r in range(int(state.get("world_size", 1)))]
+    files = read_checkpoint_files(path, names)
+    shards = [files[name] for name in names]
+    weights = {}
+    for name, pieces in ((k, [s[k] for s in shards if k in s]) for k in shards[0]):
+        if pieces[0].dim() == 0 or len(pieces) != len(shards):
+            weights[name] = pieces[0]
+            continue
+        whole = torch.cat(pieces)
+        expected = shapes.get(name)
+        if expected is not None and len(expected) == whole.dim() and whole.shape[0] > expected[0]:
+            whole = whole[: expected[0]]
+        weights[name] = whole
+    for name, expected in shapes.items():
+        if name in weights and weights[name].shape != expected:
+            raise CheckpointError(
+                f"{path}: the shards of {name} make shape {tuple(weights[name].shape)}, not "
+                f"{tuple(expected)}: it was saved from a different config"
+            )
+    return weights

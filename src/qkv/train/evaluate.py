@@ -14,6 +14,8 @@ prediction. Then, by kind:
 
 Masking of the validation batches is seeded by the batch index, so every evaluation scores the
 same positions. Evaluation leaves the global random state alone (the resume test relies on it).
+
+``evaluate_run`` scores what a run left: its final model, or its best or latest checkpoint.
 """
 
 from __future__ import annotations
@@ -21,18 +23,27 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from qkv.interop.files import CheckpointError
+from qkv.models.base import FAMILIES, QkvModel
 from qkv.models.common import IGNORE_INDEX
-from qkv.train.config import TrainConfig
+from qkv.train import checkpoint as ckpt
+from qkv.train.build import autocast_dtype, autocast_factory, build_objective
+from qkv.train.config import TrainConfig, config_from_dict
+from qkv.train.distributed import choose_backend, visible_gpu_count
 from qkv.train.objectives import Objective
+from qkv.train.rundir import check_same_config, default_cache_dir, load_run_config
 
-__all__ = ["Evaluator"]
+__all__ = ["FINAL", "Evaluator", "evaluate_run"]
 
 log = logging.getLogger(__name__)
+
+FINAL = "final"  # the run's exported model, under the run directory
 
 
 def _trim(ids: list[int], eos: int | None) -> list[int]:
@@ -198,3 +209,69 @@ class Evaluator:
             )  # fmt: skip
         model.train(was_training)
         return self.tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
+
+
+def evaluate_run(
+    run_dir: str | Path, *, checkpoint: str = "final", cache_dir: str | Path | None = None,
+    device: str | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Evaluate a finished (or interrupted) run on its validation split.
+
+    Args:
+        run_dir: a directory ``train`` wrote.
+        checkpoint: ``"final"`` (the exported model), ``"best"`` (the checkpoint with the lowest
+            validation loss) or ``"latest"`` (the newest checkpoint); checkpoints of FSDP runs
+            are joined from their ranks' shards.
+        cache_dir: the tokenized-corpus cache (default ``~/.cache/qkv/data``).
+        device: "auto", "cpu" or "cuda", chosen as for one training process (None: the run's
+            ``train.device``).
+
+    Returns:
+        The evaluation's metrics (``val_loss``, ``val_acc``, ...).
+    """
+    from qkv.data import build_data
+    from qkv.interop import from_pretrained
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    source, tokenizer = build_data(config.data, Path(cache_dir or default_cache_dir()))
+    if checkpoint == "final":
+        if not (run_dir / FINAL / "config.json").is_file():
+            raise CheckpointError(
+                f"{run_dir} has no final model (the run did not finish); evaluate a checkpoint "
+                "with --checkpoint latest (or best)"
+            )
+        model = from_pretrained(run_dir / FINAL)
+    elif checkpoint in ("best", "latest"):
+        model = _model_of_checkpoint(run_dir, config, best=checkpoint == "best")
+    else:
+        raise ValueError(f"checkpoint={checkpoint!r}: use final, best or latest")
+    _, where = choose_backend(
+        device or config.train.device, world_size=1, cuda_count=visible_gpu_count()
+    )
+    model.to(where)
+    objective = build_objective(config, source, model.config)
+    evaluator = Evaluator(config, objective, source, tokenizer)
+    autocast = autocast_factory(autocast_dtype(config.train.precision, model.device), model.device)
+    return evaluator.evaluate(model, autocast=autocast)
+
+
+def _model_of_checkpoint(run_dir: Path, config: TrainConfig, *, best: bool) -> QkvModel:
+    """The model of the run's newest checkpoint, or of its best one."""
+    from qkv.interop import load_state_dict_strict
+    from qkv.models.base import config_from_dict as model_config_from_dict
+
+    root = run_dir / ckpt.CHECKPOINTS
+    path = ckpt.latest_checkpoint(root)
+    if path is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint to evaluate")
+    state = ckpt.read_json(path / ckpt.STATE)
+    if best and state.get("best_step") is not None:
+        path = ckpt.checkpoint_dir(root, state["best_step"])
+        state = ckpt.read_json(path / ckpt.STATE)
+    check_same_config(config_from_dict(state["config"]), config, str(path))
+    model_class = FAMILIES[state["family"]]
+    model = model_class(model_config_from_dict(model_class.config_class, state["model_config"]))
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    load_state_dict_strict(model, ckpt.read_model_weights(path, state, shapes))
+    return model
