@@ -41,21 +41,18 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from qkv.attention import masks
-from qkv.attention.kv_cache import KVCache
-from qkv.attention.multihead import recording_weights
 from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, EncoderLayer, FeedForward
-from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.base import ModelOutput
 from qkv.models.common import (
-    IGNORE_INDEX,
+    EncoderDecoderCaches,
+    EncoderDecoderLM,
     attention_modules,
     check_attention_mask,
     default_position_ids,
-    new_kv_caches,
     past_length,
-    shift_right,
+    seq2seq_loss,
 )
 from qkv.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 
@@ -159,11 +156,10 @@ def _positions(c: BartConfig) -> LearnedPositionalEmbedding | SinusoidalPosition
     return SinusoidalPositionalEncoding(c.d_model, c.max_seq_len, interleaved=False)  # a buffer
 
 
-Caches = list[tuple[KVCache, KVCache]]  # per decoder layer: (self-attention, cross-attention)
-
-
-class Bart(QkvModel):
+class Bart(EncoderDecoderLM):
     """BART / Marian for text-to-text: a post-norm encoder-decoder with a tied output layer.
+
+    ``shift_right``, ``encode``, ``decode`` and ``new_caches`` come from ``EncoderDecoderLM``.
 
     Example:
         >>> import torch
@@ -253,7 +249,7 @@ class Bart(QkvModel):
         memory: Tensor,
         attention_mask: Tensor | None,
         decoder_attention_mask: Tensor | None,
-        caches: Caches | None,
+        caches: EncoderDecoderCaches | None,
     ) -> list[Tensor]:
         """The embeddings' output and every decoder layer's output, L + 1 x (B, T, D)."""
         t, device = decoder_input_ids.shape[1], decoder_input_ids.device
@@ -277,58 +273,8 @@ class Bart(QkvModel):
     def _logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden) + self.final_logits_bias  # (B, T, V): h E^T + b
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Read the source (B, S) once: the memory (B, S, D) that every decoding step attends to.
-
-        ``attention_mask`` (B, S): 1 = real token, 0 = padding, on either side (positions count
-        real tokens only).
-        """
-        return self._encoder_states(input_ids, attention_mask)[-1]
-
-    def decode(
-        self,
-        decoder_input_ids: Tensor,
-        memory: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        caches: Caches | None = None,
-    ) -> Tensor:
-        """Next-token scores for the target positions given, attending to ``memory``.
-
-        Args:
-            decoder_input_ids: target tokens (B, T), starting with ``decoder_start_token_id``;
-                with ``caches``, only the new tokens of this step.
-            memory: ``encode``'s output (B, S, D).
-            attention_mask: the source's (B, S), 1 = real token, 0 = padding.
-            decoder_attention_mask: (B, past + T) or None; 1 = real token. Decoder positions
-                go on from the cache's length, so decoder inputs are not left-padded.
-            caches: from ``new_caches``; the new keys and values are appended (positions go on
-                from their length), and the memory's are computed once, at the first step (pass
-                the same ``memory`` and ``attention_mask`` at every step).
-
-        Returns:
-            logits (B, T, V).
-        """
-        states = self._decoder_states(
-            decoder_input_ids, memory, attention_mask, decoder_attention_mask, caches
-        )
-        return self._logits(states[-1])  # (B, T, V)
-
-    def new_caches(self, batch_size: int = 1, max_len: int | None = None) -> Caches:
-        """Empty key/value caches for ``decode``: (self-attention, cross-attention) per layer.
-
-        ``max_len``: None for dynamic self-attention caches, else static ones with room for
-        ``max_len`` decoder positions (at most ``max_seq_len``) and ``batch_size`` rows. The
-        cross-attention caches are dynamic: ``decode`` fills them once from the memory.
-        """
-        c = self.config
-        self_caches = new_kv_caches(
-            c.n_decoder_layers, batch_size, max_len, n_kv_heads=c.n_heads,
-            head_dim=c.d_model // c.n_heads, max_seq_len=c.max_seq_len, dtype=self.dtype,
-            device=self.device,
-        )  # fmt: skip
-        return [(kv, KVCache()) for kv in self_caches]
+    def _stacks(self) -> tuple[nn.ModuleList, nn.ModuleList]:
+        return self.encoder, self.decoder
 
     # --8<-- [start:forward]
     def forward(
@@ -356,42 +302,19 @@ class Bart(QkvModel):
         Returns:
             ``ModelOutput`` with ``logits`` (B, T, V) and, given labels, the mean cross-entropy.
         """
-        c = self.config
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("pass decoder_input_ids, or labels (shifted right to make them)")
-            decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
-        on = output_attentions
-        with (
-            recording_weights(attention_modules(self.encoder) if on else [], on) as enc_weights,
-            recording_weights(
-                attention_modules(self.decoder, "self_attn") if on else [], on
-            ) as dec_weights,
-            recording_weights(
-                attention_modules(self.decoder, "cross_attn") if on else [], on
-            ) as cross_weights,
-        ):
+        decoder_input_ids = self._decoder_inputs(decoder_input_ids, labels)  # (B, T)
+        with self._recording(output_attentions) as weights:  # encoder, decoder, cross
             enc_states = self._encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
             memory = enc_states[-1]  # (B, S, D)
             dec_states = self._decoder_states(
                 decoder_input_ids, memory, attention_mask, decoder_attention_mask, None
             )  # L + 1 x (B, T, D)
-        logits = self._logits(dec_states[-1])  # (B, T, V)
-        loss = None
-        if labels is not None:
-            # Mean over the labels that are not -100: (B T, V) against (B T,), a scalar.
-            loss = F.cross_entropy(
-                logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
-            )
-        hidden = output_hidden_states
-        return ModelOutput(
-            logits=logits, loss=loss, last_hidden_state=dec_states[-1],
-            hidden_states=tuple(dec_states) if hidden else None,
-            attentions=tuple(dec_weights) if on else None,
-            cross_attentions=tuple(cross_weights) if on else None,
-            encoder_last_hidden_state=memory,
-            encoder_hidden_states=tuple(enc_states) if hidden else None,
-            encoder_attentions=tuple(enc_weights) if on else None,
+        logits = self._logits(dec_states[-1])  # (B, T, V): h E^T + b
+        # Mean over the labels that are not -100, computed in float32.
+        loss = None if labels is None else seq2seq_loss(logits, labels)
+        return self._output(
+            logits, loss, enc_states, dec_states, weights,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )  # fmt: skip
 
     # --8<-- [end:forward]

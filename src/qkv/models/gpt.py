@@ -35,25 +35,25 @@ H query heads · E head dim · F MLP hidden width · V vocabulary · L layers.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
-from qkv.attention.multihead import recording_weights
 from qkv.blocks.block import DecoderLayer
 from qkv.blocks.mlp import ACTIVATIONS, ActivationName
 from qkv.blocks.norms import LayerNorm
-from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.base import ModelOutput
 from qkv.models.common import (
-    attention_modules,
+    DecoderLM,
     causal_lm_loss,
     check_attention_mask,
+    decoder_lm_output,
     default_position_ids,
-    new_kv_caches,
+    init_normal_,
     past_length,
+    recording_attentions,
 )
 from qkv.positional.learned import LearnedPositionalEmbedding
 
@@ -150,7 +150,7 @@ def _decoder_layer(c: GPTConfig) -> DecoderLayer:
     )  # fmt: skip
 
 
-class GPT(QkvModel):
+class GPT(DecoderLM):
     """A GPT-2 style language model: embeddings, L pre-norm decoder layers, a tied head.
 
     Args:
@@ -184,13 +184,7 @@ class GPT(QkvModel):
 
     def reset_parameters(self) -> None:
         """GPT-2's initialisation (see the module docstring)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, LayerNorm):
-                module.reset_parameters()  # gain 1, shift 0
+        init_normal_(self, std=0.02)  # N(0, 0.02²) weights, biases 0, LayerNorms 1 and 0
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
             if name.endswith(("self_attn.out_proj.weight", "mlp.down_proj.weight")):
@@ -240,28 +234,20 @@ class GPT(QkvModel):
         x = self.tok_emb(input_ids) + self._positions(position_ids, attention_mask, t, past)
         if self.training:  # (dropout is the identity at inference: skip the call)
             x = self.dropout(x)  # (B, T, D)
-        hidden: list[Tensor] = []  # the input of every layer, then the final output
-        recording: AbstractContextManager[list[Tensor]] = (
-            recording_weights(attention_modules(self.layers))
-            if output_attentions
-            else nullcontext([])
-        )
-        with recording as attentions:
+        hidden: list[Tensor] = []  # on request, the input of every layer
+        with recording_attentions(self.layers, output_attentions) as attentions:
             for i, layer in enumerate(self.layers):
                 if output_hidden_states:
                     hidden.append(x)
                 layer_cache = None if cache is None else cache[i]
                 x = layer(x, self_mask=mask, causal=True, cache=layer_cache)  # (B, T, D)
         x = self.final_norm(x)  # (B, T, D)
-        hidden.append(x)
         logits = self.lm_head(x)  # (B, T, V)
-        return ModelOutput(
-            logits=logits,
-            loss=None if labels is None else causal_lm_loss(logits, labels),
-            last_hidden_state=x,
-            hidden_states=tuple(hidden) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
-        )
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return decoder_lm_output(
+            logits, loss, x, hidden, attentions, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )  # fmt: skip
 
     # --8<-- [end:forward]
 
@@ -280,17 +266,3 @@ class GPT(QkvModel):
         if attention_mask is None:  # GPT's positions have no offset: row p is position p
             return self.pos_emb.emb.weight[past : past + t]  # (T, D)
         return self.pos_emb.emb(default_position_ids(attention_mask, t, past))  # (B, T, D)
-
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> list[KVCache]:
-        """An empty key/value cache, one ``KVCache`` per layer, to pass as ``cache=``.
-
-        Args:
-            batch_size: B of the static caches.
-            max_len: None for dynamic caches; else static ones with room for ``max_len``
-                positions (at most ``max_seq_len``), in the model's dtype and on its device.
-        """
-        c = self.config
-        return new_kv_caches(
-            c.n_layers, batch_size, max_len, n_kv_heads=c.n_heads, head_dim=c.head_dim,
-            max_seq_len=c.max_seq_len, dtype=self.dtype, device=self.device,
-        )  # fmt: skip

@@ -38,17 +38,18 @@ from torch import Tensor, nn
 
 from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
-from qkv.attention.multihead import recording_weights
 from qkv.blocks.block import DecoderLayer
 from qkv.blocks.norms import RMSNorm
-from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.base import ModelOutput
 from qkv.models.common import (
-    attention_modules,
+    DecoderLM,
     causal_lm_loss,
     check_attention_mask,
+    decoder_lm_output,
     default_position_ids,
-    new_kv_caches,
+    init_normal_,
     past_length,
+    recording_attentions,
 )
 from qkv.positional.rope import RotaryEmbedding
 
@@ -169,7 +170,7 @@ PRESETS: dict[str, LlamaConfig] = {
 # --8<-- [end:config]
 
 
-class Llama(QkvModel):
+class Llama(DecoderLM):
     """A LLaMA-style decoder-only language model.
 
     Weights start as in the original: every linear and embedding matrix normal(0, 0.02), RMSNorm
@@ -200,9 +201,9 @@ class Llama(QkvModel):
         self.layers = nn.ModuleList(self._layer(c) for _ in range(c.n_layers))
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.apply(self._init_weights)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one shared (V, D) parameter
+        self.reset_parameters()
 
     def _layer(self, c: LlamaConfig) -> DecoderLayer:
         """A pre-norm RMSNorm layer: bias-free rotary GQA attention, then bias-free SwiGLU."""
@@ -212,10 +213,9 @@ class Llama(QkvModel):
             norm_first=True, cross_attention=False, rotary=self.rotary, attn_impl=c.attn_impl,
         )  # fmt: skip
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def reset_parameters(self) -> None:
+        """LLaMA's initialisation (see the class docstring); it has no biases to zero."""
+        init_normal_(self, std=0.02)
 
     # --8<-- [start:forward]
     def forward(
@@ -267,40 +267,21 @@ class Llama(QkvModel):
             position_ids = default_position_ids(attention_mask, t, past, device=device)
 
         x = self.tok_emb(input_ids)  # (B, T, D)
-        hidden_states = [x]
-        with recording_weights(
-            attention_modules(self.layers) if output_attentions else [], output_attentions
-        ) as weights:
+        hidden: list[Tensor] = []  # on request, the input of every layer
+        with recording_attentions(self.layers, output_attentions) as weights:
             for i, layer in enumerate(self.layers):
+                if output_hidden_states:
+                    hidden.append(x)
                 kv = None if cache is None else cache[i]
                 x = layer(
                     x, self_mask=mask, causal=True, position_ids=position_ids, cache=kv
                 )  # (B, T, D)
-                hidden_states.append(x)
         x = self.final_norm(x)  # (B, T, D)
-        hidden_states[-1] = x  # transformers reports the last layer's output after the norm
         logits = self.lm_head(x)  # (B, T, V)
-        return ModelOutput(
-            logits=logits,
-            loss=None if labels is None else causal_lm_loss(logits, labels),
-            last_hidden_state=x,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-            attentions=tuple(weights) if output_attentions else None,  # L x (B, H, T, S)
-        )
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return decoder_lm_output(
+            logits, loss, x, hidden, weights, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )  # fmt: skip
 
     # --8<-- [end:forward]
-
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> list[KVCache]:
-        """An empty key/value cache, one ``KVCache`` per layer, to pass as ``cache=``.
-
-        Args:
-            batch_size: B of the static caches.
-            max_len: None for dynamic caches; else static ones with room for ``max_len``
-                positions (at most ``max_seq_len``), in the model's dtype and on its device.
-                Each holds K = ``n_kv_heads`` heads: grouped-query attention's smaller cache.
-        """
-        c = self.config
-        return new_kv_caches(
-            c.n_layers, batch_size, max_len, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
-            max_seq_len=c.max_seq_len, dtype=self.dtype, device=self.device,
-        )  # fmt: skip

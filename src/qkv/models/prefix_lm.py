@@ -39,17 +39,18 @@ from torch import Tensor, nn
 
 from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
-from qkv.attention.multihead import recording_weights
 from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, LayerNorm
-from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.base import ModelOutput
 from qkv.models.common import (
     IGNORE_INDEX,
-    attention_modules,
+    DecoderLM,
     causal_lm_loss,
     check_attention_mask,
+    decoder_lm_output,
     default_position_ids,
-    new_kv_caches,
+    init_normal_,
     past_length,
+    recording_attentions,
 )
 from qkv.positional import LearnedPositionalEmbedding
 
@@ -130,7 +131,7 @@ def prefix_lm_loss(logits: Tensor, labels: Tensor, prefix_lengths: Tensor) -> Te
     return causal_lm_loss(logits, labels.masked_fill(in_prefix, IGNORE_INDEX))
 
 
-class PrefixLM(QkvModel):
+class PrefixLM(DecoderLM):
     """A decoder-only language model whose prefix attends bidirectionally.
 
     Initialisation as GPT-2 and BERT: linear and embedding weights from normal(0, 0.02²),
@@ -168,13 +169,13 @@ class PrefixLM(QkvModel):
         )  # fmt: skip
         self.final_norm = LayerNorm(c.d_model, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)  # (V, D)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one (V, D) matrix, two roles
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation (see the class docstring)."""
+        init_normal_(self, std=0.02)
 
     def build_mask(
         self, prefix_lengths: Tensor, t: int, attention_mask: Tensor | None = None, *, past: int = 0
@@ -266,39 +267,21 @@ class PrefixLM(QkvModel):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, t, past, device=device)
         x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, D)
-        states = [x]
-        with recording_weights(
-            attention_modules(self.layers) if output_attentions else [], output_attentions
-        ) as weights:
+        hidden: list[Tensor] = []  # on request, the input of every layer
+        with recording_attentions(self.layers, output_attentions) as weights:
             for i, layer in enumerate(self.layers):
+                if output_hidden_states:
+                    hidden.append(x)
                 kv = None if cache is None else cache[i]
                 # causal=False: the prefix-LM mask already holds the causal part.
                 x = layer(x, self_mask=mask, causal=False, cache=kv)  # (B, T, D)
-                states.append(x)
         x = self.final_norm(x)  # (B, T, D)
-        states[-1] = x
         logits = self.lm_head(x)  # (B, T, V)
         in_input = (prefix - past).clamp(min=0)  # (B,) prefix positions among the T new ones
-        return ModelOutput(
-            logits=logits,
-            loss=None if labels is None else prefix_lm_loss(logits, labels, in_input),
-            last_hidden_state=x,
-            hidden_states=tuple(states) if output_hidden_states else None,
-            attentions=tuple(weights) if output_attentions else None,
-        )
+        loss = None if labels is None else prefix_lm_loss(logits, labels, in_input)
+        return decoder_lm_output(
+            logits, loss, x, hidden, weights, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )  # fmt: skip
 
     # --8<-- [end:forward]
-
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> list[KVCache]:
-        """An empty key/value cache, one ``KVCache`` per layer, to pass as ``cache=``.
-
-        Args:
-            batch_size: B of the static caches.
-            max_len: None for dynamic caches; else static ones with room for ``max_len``
-                positions (at most ``max_seq_len``), in the model's dtype and on its device.
-        """
-        c = self.config
-        return new_kv_caches(
-            c.n_layers, batch_size, max_len, n_kv_heads=c.n_heads, head_dim=c.d_model // c.n_heads,
-            max_seq_len=c.max_seq_len, dtype=self.dtype, device=self.device,
-        )  # fmt: skip

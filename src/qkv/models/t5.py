@@ -32,20 +32,17 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from qkv.attention.kv_cache import KVCache
 from qkv.attention.masks import padding
-from qkv.attention.multihead import MultiHeadAttention, recording_weights
+from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks import DecoderLayer, EncoderLayer, RMSNorm
-from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.base import ModelOutput
 from qkv.models.common import (
-    IGNORE_INDEX,
-    attention_modules,
+    EncoderDecoderCaches,
+    EncoderDecoderLM,
     check_attention_mask,
-    new_kv_caches,
     past_length,
-    shift_right,
+    seq2seq_loss,
 )
 from qkv.positional import T5RelativeBias
 
@@ -130,16 +127,16 @@ PRESETS: dict[str, T5Config] = {
 
 # --8<-- [end:config]
 
-Caches = list[tuple[KVCache, KVCache]]  # per decoder layer: (self-attention, cross-attention)
 
-
-class T5(QkvModel):
+class T5(EncoderDecoderLM):
     """T5 (Raffel et al. 2020): encoder, decoder and language-model head.
 
     Initialised like Mesh TensorFlow's T5 (the original code): embeddings and an untied lm_head
     normal(0, 1); W_Q normal(0, (D E)^-1/2), which stands in for the missing 1/sqrt(E);
     W_K, W_V and the FFN input normal(0, D^-1/2); W_O normal(0, (H E)^-1/2); the FFN output
     normal(0, F^-1/2); the position biases normal(0, D^-1/2); norm gains 1.
+
+    ``shift_right``, ``encode``, ``decode`` and ``new_caches`` come from ``EncoderDecoderLM``.
 
     Example:
         >>> import torch
@@ -216,14 +213,6 @@ class T5(QkvModel):
         states[-1] = self.dropout(self.encoder_norm(x))  # (B, S, D)
         return states
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Read the source (B, S) once: the memory (B, S, D) that every decoding step attends to.
-
-        ``attention_mask`` (B, S): 1 = real token, 0 = padding (on either side: T5's positions
-        are relative, so left padding changes nothing).
-        """
-        return self._encoder_states(input_ids, attention_mask)[-1]
-
     # --8<-- [end:encode]
 
     # --8<-- [start:decode]
@@ -233,7 +222,7 @@ class T5(QkvModel):
         memory: Tensor,
         attention_mask: Tensor | None,
         decoder_attention_mask: Tensor | None,
-        caches: Caches | None,
+        caches: EncoderDecoderCaches | None,
     ) -> list[Tensor]:
         """The embeddings and every decoder layer's output (the last normed), L + 1 x (B, T, D)."""
         t = decoder_input_ids.shape[1]
@@ -261,52 +250,10 @@ class T5(QkvModel):
         scale = self.config.d_model**-0.5 if self.config.tie_embeddings else 1.0
         return self.lm_head(hidden * scale)  # (B, T, V)
 
-    def decode(
-        self,
-        decoder_input_ids: Tensor,
-        memory: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        caches: Caches | None = None,
-    ) -> Tensor:
-        """Next-token scores for the target positions given, attending to ``memory``.
-
-        Args:
-            decoder_input_ids: (B, T) token ids, starting with ``decoder_start_token_id``; with
-                ``caches``, only the new tokens of this step.
-            memory: ``encode``'s output (B, S, D).
-            attention_mask: the source's (B, S), 1 = real token, 0 = padding.
-            decoder_attention_mask: (B, past + T) or None; 1 = real token.
-            caches: from ``new_caches``, one (self-attention, cross-attention) pair per decoder
-                layer; the new keys and values are appended, the memory's computed at the first
-                call and reused after (pass the same ``memory`` and ``attention_mask`` each time).
-
-        Returns:
-            logits (B, T, V).
-        """
-        states = self._decoder_states(
-            decoder_input_ids, memory, attention_mask, decoder_attention_mask, caches
-        )
-        return self._logits(states[-1])  # (B, T, V)
-
     # --8<-- [end:decode]
 
-    def new_caches(self, batch_size: int = 1, max_len: int | None = None) -> Caches:
-        """Empty key/value caches for ``decode``: (self-attention, cross-attention) per layer.
-
-        Args:
-            batch_size: B of the static caches.
-            max_len: None for dynamic self-attention caches; else static ones with room for
-                ``max_len`` decoder positions (T5's relative positions set no upper limit). The
-                cross-attention caches are dynamic: ``decode`` fills them once from the memory.
-        """
-        c = self.config
-        self_caches = new_kv_caches(
-            c.decoder_layers, batch_size, max_len, n_kv_heads=c.n_heads, head_dim=c.d_kv,
-            max_seq_len=None, dtype=self.dtype, device=self.device,
-        )  # fmt: skip
-        return [(kv, KVCache()) for kv in self_caches]
+    def _stacks(self) -> tuple[nn.ModuleList, nn.ModuleList]:
+        return self.encoder_layers, self.decoder_layers
 
     # --8<-- [start:forward]
     def forward(
@@ -337,38 +284,16 @@ class T5(QkvModel):
             ``ModelOutput``: logits (B, T, V), loss, the decoder's last_hidden_state,
             hidden_states, attentions and cross_attentions, and the encoder_* fields.
         """
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("pass decoder_input_ids, or labels to build them from")
-            c = self.config
-            decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
-        on, dec = output_attentions, self.decoder_layers
-        with (
-            recording_weights(
-                attention_modules(self.encoder_layers) if on else [], on
-            ) as enc_weights,
-            recording_weights(attention_modules(dec, "self_attn") if on else [], on) as dec_weights,
-            recording_weights(
-                attention_modules(dec, "cross_attn") if on else [], on
-            ) as cross_weights,
-        ):
+        decoder_input_ids = self._decoder_inputs(decoder_input_ids, labels)  # (B, T)
+        with self._recording(output_attentions) as weights:  # encoder, decoder, cross
             enc = self._encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
             states = self._decoder_states(decoder_input_ids, enc[-1], attention_mask,
                                           decoder_attention_mask, None)  # fmt: skip
         logits = self._logits(states[-1])  # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                   ignore_index=IGNORE_INDEX)  # fmt: skip
-        hidden = output_hidden_states
-        return ModelOutput(
-            logits=logits, loss=loss, last_hidden_state=states[-1],
-            hidden_states=tuple(states) if hidden else None,
-            attentions=tuple(dec_weights) if on else None,
-            cross_attentions=tuple(cross_weights) if on else None,
-            encoder_last_hidden_state=enc[-1],
-            encoder_hidden_states=tuple(enc) if hidden else None,
-            encoder_attentions=tuple(enc_weights) if on else None,
+        loss = None if labels is None else seq2seq_loss(logits, labels)
+        return self._output(
+            logits, loss, enc, states, weights, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )  # fmt: skip
 
     # --8<-- [end:forward]

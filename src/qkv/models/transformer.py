@@ -29,21 +29,17 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from qkv.attention import masks
-from qkv.attention.kv_cache import KVCache
-from qkv.attention.multihead import recording_weights
 from qkv.blocks import DecoderLayer, EncoderLayer
-from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.base import ModelOutput
 from qkv.models.common import (
-    IGNORE_INDEX,
-    attention_modules,
+    EncoderDecoderCaches,
+    EncoderDecoderLM,
     check_attention_mask,
     default_position_ids,
-    new_kv_caches,
     past_length,
-    shift_right,
+    seq2seq_loss,
 )
 from qkv.positional import SinusoidalPositionalEncoding
 
@@ -120,7 +116,6 @@ PRESETS: dict[str, TransformerConfig] = {
 
 # --8<-- [end:config]
 
-Caches = list[tuple[KVCache, KVCache]]  # per decoder layer: (self-attention, cross-attention)
 Layer = TypeVar("Layer", EncoderLayer, DecoderLayer)
 
 
@@ -132,12 +127,14 @@ def _layer(kind: type[Layer], c: TransformerConfig) -> Layer:
     )  # fmt: skip
 
 
-class Transformer(QkvModel):
+class Transformer(EncoderDecoderLM):
     """The encoder-decoder Transformer of "Attention Is All You Need" (post-norm, ReLU).
 
     Initialisation follows tensor2tensor, the paper's code: embeddings from normal(0, 1/D), so
     that after the sqrt(D) scaling they have unit variance like the positions; every other
     matrix Xavier-uniform (as ``torch.nn.Transformer``), biases 0, LayerNorms 1 and 0.
+
+    ``shift_right``, ``encode``, ``decode`` and ``new_caches`` come from ``EncoderDecoderLM``.
 
     Args:
         config: a ``TransformerConfig``.
@@ -206,7 +203,7 @@ class Transformer(QkvModel):
         memory: Tensor,
         attention_mask: Tensor | None,
         decoder_attention_mask: Tensor | None,
-        caches: Caches | None,
+        caches: EncoderDecoderCaches | None,
     ) -> list[Tensor]:
         """The embedded target and every decoder layer's output, each (B, T, D)."""
         t, device = decoder_input_ids.shape[1], decoder_input_ids.device
@@ -228,66 +225,8 @@ class Transformer(QkvModel):
             states.append(x)  # (B, T, D)
         return states
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Read the source tokens (B, S) once: the memory (B, S, D) every step attends to.
-
-        ``attention_mask`` (B, S): 1 = real token, 0 = padding, on either side (positions count
-        real tokens only).
-        """
-        return self._encoder_states(input_ids, attention_mask)[-1]
-
-    def decode(
-        self,
-        decoder_input_ids: Tensor,
-        memory: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        caches: Caches | None = None,
-    ) -> Tensor:
-        """Next-token scores for the target positions given, attending to ``memory``.
-
-        Args:
-            decoder_input_ids: target tokens (B, T), starting with ``decoder_start_token_id``;
-                with ``caches``, only the new tokens of this step.
-            memory: ``encode``'s output (B, S, D).
-            attention_mask: the source's (B, S), 1 = real token, 0 = padding.
-            decoder_attention_mask: (B, past + T) or None; 1 = real token. Decoder positions
-                go on from the cache's length, so decoder inputs are not left-padded.
-            caches: from ``new_caches``; the new keys and values are appended, and the
-                memory's keys and values are computed once, at the first step (pass the same
-                ``memory`` and ``attention_mask`` at every step).
-
-        Returns:
-            logits (B, T, V).
-        """
-        states = self._decoder_states(
-            decoder_input_ids, memory, attention_mask, decoder_attention_mask, caches
-        )
-        return self.lm_head(states[-1])  # (B, T, V)
-
-    def new_caches(self, batch_size: int = 1, max_len: int | None = None) -> Caches:
-        """Empty key/value caches for ``decode``: (self-attention, cross-attention) per layer.
-
-        ``max_len``: None for dynamic self-attention caches, else static ones with room for
-        ``max_len`` decoder positions (at most ``max_seq_len``) and ``batch_size`` rows. The
-        cross-attention caches are dynamic: ``decode`` fills them once from the memory.
-        """
-        c = self.config
-        self_caches = new_kv_caches(
-            c.n_decoder_layers, batch_size, max_len, n_kv_heads=c.n_heads,
-            head_dim=c.d_model // c.n_heads, max_seq_len=c.max_seq_len, dtype=self.dtype,
-            device=self.device,
-        )  # fmt: skip
-        return [(kv, KVCache()) for kv in self_caches]
-
-    def shift_right(self, labels: Tensor) -> Tensor:
-        """Teacher forcing's inputs: ``decoder_start_token_id``, then labels[:, :-1] (B, T).
-
-        Ignored labels (-100) become ``pad_token_id``.
-        """
-        c = self.config
-        return shift_right(labels, c.decoder_start_token_id, c.pad_token_id)  # (B, T)
+    def _stacks(self) -> tuple[nn.ModuleList, nn.ModuleList]:
+        return self.encoder, self.decoder
 
     # --8<-- [start:forward]
     def forward(
@@ -317,42 +256,19 @@ class Transformer(QkvModel):
             with labels, ``last_hidden_state`` (B, T, D), the decoder's ``hidden_states`` and
             ``attentions``, the encoder's ``encoder_*``, and ``cross_attentions``.
         """
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("pass decoder_input_ids, or labels to shift right into them")
-            decoder_input_ids = self.shift_right(labels)
-        on = output_attentions
-        with (
-            recording_weights(attention_modules(self.encoder) if on else [], on) as enc_weights,
-            recording_weights(
-                attention_modules(self.decoder, "self_attn") if on else [], on
-            ) as dec_weights,
-            recording_weights(
-                attention_modules(self.decoder, "cross_attn") if on else [], on
-            ) as cross_weights,
-        ):
-            enc = self._encoder_states(input_ids, attention_mask)
+        decoder_input_ids = self._decoder_inputs(decoder_input_ids, labels)  # (B, T)
+        with self._recording(output_attentions) as weights:  # encoder, decoder, cross
+            enc = self._encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
             states = self._decoder_states(
                 decoder_input_ids, enc[-1], attention_mask, decoder_attention_mask, None
-            )
+            )  # L + 1 x (B, T, D)
         logits = self.lm_head(states[-1])  # (B, T, V)
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                label_smoothing=self.config.label_smoothing,
-            )  # fmt: skip
-        hidden = output_hidden_states
-        return ModelOutput(
-            logits=logits,
-            loss=loss,
-            last_hidden_state=states[-1],
-            hidden_states=tuple(states) if hidden else None,
-            attentions=tuple(dec_weights) if on else None,
-            encoder_last_hidden_state=enc[-1],
-            encoder_hidden_states=tuple(enc) if hidden else None,
-            encoder_attentions=tuple(enc_weights) if on else None,
-            cross_attentions=tuple(cross_weights) if on else None,
-        )
+        if labels is not None:  # section 5.4: label smoothing
+            loss = seq2seq_loss(logits, labels, label_smoothing=self.config.label_smoothing)
+        return self._output(
+            logits, loss, enc, states, weights, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )  # fmt: skip
 
     # --8<-- [end:forward]
