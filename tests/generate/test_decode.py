@@ -3,11 +3,14 @@ stops end rows, and streaming hands out exactly what generate returns."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
 
 from qkv.generate import generate, stream
+from qkv.generate.settings import GenerationSettings
 from qkv.models.bert import PRESETS as BERT_PRESETS
 from qkv.models.bert import Bert
 from qkv.models.vit import PRESETS as VIT_PRESETS
@@ -228,3 +231,46 @@ def test_models_that_do_not_generate_say_so() -> None:
     vit = ViT(VIT_PRESETS["tiny"])
     with pytest.raises(TypeError, match="ViT does not generate"):
         vit.generate(torch.randn(1, 3, 32, 32), max_new_tokens=2)
+
+
+def test_settings_record_equals_keywords() -> None:
+    """A GenerationSettings record, keywords, and a record with keyword overrides agree."""
+    model = tiny("gpt")
+    prompt = _prompt(model)
+    keywords = generate(model, prompt, max_new_tokens=5, do_sample=True, top_k=5, seed=1)
+    settings = GenerationSettings(max_new_tokens=5, do_sample=True, top_k=5, seed=1)
+    assert torch.equal(generate(model, prompt, None, settings), keywords)
+    assert torch.equal(model.generate(prompt, settings=settings), keywords)
+    greedy = GenerationSettings(max_new_tokens=3, eos_token_id=[])
+    overridden = generate(model, prompt, settings=greedy, max_new_tokens=5, do_sample=True,
+                          top_k=5, seed=1, eos_token_id=None)  # fmt: skip
+    assert torch.equal(overridden, keywords)
+    assert greedy.max_new_tokens == 3  # the record itself is left as it was
+    streamed = stream(model, prompt[:1], settings=settings)
+    assert list(streamed) == generate(model, prompt[:1], settings=settings)[0, 5:].tolist()
+
+
+def test_settings_are_resolved_against_the_model() -> None:
+    model = tiny("gpt")
+    settings = GenerationSettings(max_new_tokens=2, eos_token_id=[3, 500], stop=[4, 3])
+    assert settings.eos_token_id == (3, 500)  # stored as a tuple
+    resolved = settings.resolved_for(model.config)
+    assert resolved.eos_token_id == (3,)  # 500 is outside the vocabulary: never produced
+    assert resolved.stop_token_ids == (3, 4)  # end ids first, no repeats
+    assert resolved.pad_token_id == 3  # the first end id
+    assert resolved.resolved_for(model.config) == resolved
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.max_new_tokens = 3  # type: ignore[misc]
+
+
+def test_unknown_options_name_the_valid_ones() -> None:
+    model = tiny("gpt")
+    message = r"option\(s\) \['top_kk'\] \(did you mean 'top_k'\?\); the options are: max_new_"
+    with pytest.raises(TypeError, match=message):
+        generate(model, _prompt(model), max_new_tokens=2, top_kk=3)
+    with pytest.raises(TypeError, match=r"unknown generation option\(s\) \['streamer'\]"):
+        stream(model, _prompt(model, b=1), max_new_tokens=2, streamer=print)
+    with pytest.raises(TypeError, match=r"max_new_tokens is required"):
+        generate(model, _prompt(model))
+    with pytest.raises(TypeError, match=r"settings must be a GenerationSettings"):
+        generate(model, _prompt(model), None, {"max_new_tokens": 2})  # type: ignore[arg-type]

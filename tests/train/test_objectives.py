@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from qkv.models.gpt import GPT, GPTConfig
 from qkv.models.transformer import Transformer, TransformerConfig
-from qkv.train.objectives import Batch, CausalLM, Seq2Seq, loss_sum, mask_tokens
+from qkv.train.objectives import (
+    Batch,
+    CausalLM,
+    Classification,
+    MaskedLM,
+    Seq2Seq,
+    ValTotals,
+    loss_sum,
+    mask_tokens,
+)
 
 
 def test_masking_rates_follow_80_10_10_and_never_touch_specials() -> None:
@@ -127,3 +138,43 @@ def test_seq2seq_with_padding_accumulates_like_one_batch() -> None:
         (objective.loss_sum(objective.logits(model, part), part) / batch.num_targets).backward()
     for ours, ref in zip(_grads(model), reference, strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_each_objective_names_and_computes_its_metrics() -> None:
+    """Tallied over batches, every objective fills exactly its metric columns."""
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]], [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]])
+    targets = torch.tensor([[0, 1], [1, -100]])  # (B, T); three scored, two predicted right
+    batch = Batch(inputs={}, targets=targets)
+    loss = float(loss_sum(logits, targets)) / 3
+    objectives = {
+        "lm": CausalLM(),
+        "lm_chars": CausalLM(bits_per_char=True),
+        "mlm": MaskedLM(mask_id=2, vocab_size=3, special_ids=[2]),
+        "seq2seq": Seq2Seq(decoder_start_token_id=0, pad_token_id=0),
+    }
+    for name, objective in objectives.items():
+        totals = ValTotals()
+        objective.tally(totals, logits, batch)
+        objective.tally(totals, logits, batch)  # two batches: sums, not means
+        metrics = objective.metrics(totals)
+        assert metrics["val_loss"] == pytest.approx(loss)
+        assert metrics["val_ppl"] == pytest.approx(math.exp(loss))
+        assert metrics["val_acc"] == pytest.approx(2 / 3)
+        extra = {"lm": [], "lm_chars": ["val_bpc"], "mlm": ["val_unigram_acc"],
+                 "seq2seq": ["val_exact_match", "val_bleu"]}[name]  # fmt: skip
+        assert objective.metric_names == ["val_loss", "val_ppl", "val_acc", *extra], name
+    assert CausalLM(bits_per_char=True).metrics(totals)["val_bpc"] == pytest.approx(
+        loss / math.log(2)
+    )
+    mlm = objectives["mlm"]
+    totals = ValTotals()
+    mlm.tally(totals, logits, batch)
+    assert mlm.metrics(totals)["val_unigram_acc"] == pytest.approx(2 / 3)  # id 1: two of three
+    images = Classification()
+    totals = ValTotals()
+    images.tally(totals, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), Batch({}, torch.tensor([0, 1])))
+    assert images.metric_names == ["val_loss", "val_acc"]
+    assert list(images.metrics(totals)) == images.metric_names
+    assert images.metrics(totals)["val_acc"] == 0.5
+    with pytest.raises(ValueError, match="the validation split scored no targets"):
+        CausalLM().metrics(ValTotals())

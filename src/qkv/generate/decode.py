@@ -18,9 +18,9 @@ Shape legend: B batch · T prompt positions · V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ from qkv.generate.cached import (
 )
 from qkv.generate.cached import is_encoder_decoder as _is_encoder_decoder
 from qkv.generate.sampling import greedy, process_logits, sample
-from qkv.generate.settings import GenerationSettings, check_prompt, resolve_settings
+from qkv.generate.settings import GenerationSettings, check_prompt
 from qkv.generate.stopping import StopCondition
 from qkv.models.common import attention_modules
 
@@ -120,26 +120,12 @@ def generate(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
+    settings: GenerationSettings | None = None,
     *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | Literal["never"] = False,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    stop: int | str | Sequence[int | str] | None = None,
-    tokenizer: Tokenizer | None = None,
-    seed: int | None = None,
     streamer: Streamer | None = None,
-    static_cache: bool = False,
+    **overrides: Any,
 ) -> Tensor:
-    """Continue ``input_ids`` with up to ``max_new_tokens`` tokens.
+    """Continue ``input_ids`` with up to ``settings.max_new_tokens`` tokens.
 
     Args:
         model: a decoder-only family (GPT, LLaMA, Prefix-LM) or an encoder-decoder (T5, BART,
@@ -147,25 +133,11 @@ def generate(
         input_ids: (B, T) long. Decoder-only: the prompt, left-padded when rows differ in
             length. Encoder-decoder: the source.
         attention_mask: (B, T), 1 = real token, 0 = padding; None = no padding.
-        max_new_tokens: the most tokens to add (>= 1); fewer when every row ends earlier.
-        do_sample: draw from the distribution instead of taking the most likely token.
-        temperature: divide the logits by it before sampling (> 0).
-        top_k: sample among the k most likely tokens only.
-        top_p: sample within the smallest set of tokens whose probability reaches top_p.
-        min_p: sample among tokens at least min_p times as likely as the most likely one.
-        repetition_penalty: CTRL's penalty θ on tokens already in the sequence (> 1 avoids them).
-        num_beams: beam width; > 1 runs beam search (``qkv.generate.beam``), which cannot sample.
-        length_penalty: beam search: a finished hypothesis scores sum log p / length^this.
-        early_stopping: beam search: stop a batch row once it has num_beams finished hypotheses
-            (True), when no running beam can still win (False), or never early ("never").
-        eos_token_id: id(s) that end a row; default ``model.config.eos_token_id``; [] for none.
-        pad_token_id: what rows hold after they ended; default the first eos id.
-        stop: more stop token ids (ints) and stop strings (need ``tokenizer``); a stop string
-            ends a row once its decoded output contains it.
-        tokenizer: a ``tokenizers.Tokenizer``, to decode for stop strings.
-        seed: seeds the sampler's own ``torch.Generator``: the same seed, the same tokens.
+        settings: what to generate (``GenerationSettings``: length, greedy or sampling, beams,
+            end and stop tokens); None: from ``overrides`` alone.
         streamer: called with each step's new tokens (B,) as soon as they are chosen.
-        static_cache: preallocate the KV caches for the whole sequence.
+        **overrides: fields of ``GenerationSettings`` by keyword (``max_new_tokens=8``,
+            ``do_sample=True``, ...); they replace those of ``settings``.
 
     Returns:
         (B, T + n) long ids, n <= max_new_tokens: decoder-only, the prompt then the new tokens;
@@ -173,7 +145,8 @@ def generate(
 
     Raises:
         ValueError: a wrong option or prompt, with what to change.
-        TypeError: the model does not generate (an encoder such as BERT or ViT).
+        TypeError: the model does not generate (an encoder such as BERT or ViT), or an
+            override is not a field of ``GenerationSettings``.
 
     Example:
         >>> from qkv.models.gpt import GPT, PRESETS
@@ -181,16 +154,15 @@ def generate(
         >>> prompt = torch.tensor([[5, 6, 7]])
         >>> generate(model, prompt, max_new_tokens=4, eos_token_id=[]).shape
         torch.Size([1, 7])
+        >>> greedy4 = GenerationSettings(max_new_tokens=4, eos_token_id=[])
+        >>> generate(model, prompt, settings=greedy4, max_new_tokens=2).shape
+        torch.Size([1, 5])
     """
     check_generates(model)
-    settings = resolve_settings(
-        getattr(model, "config", None), max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, num_beams=num_beams,
-        length_penalty=length_penalty, early_stopping=early_stopping,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop, tokenizer=tokenizer,
-        seed=seed, streamer=streamer, static_cache=static_cache,
-    )  # fmt: skip
+    settings = GenerationSettings.from_options(settings, **overrides)
+    settings = settings.resolved_for(getattr(model, "config", None))
+    if settings.num_beams > 1 and streamer is not None:
+        raise ValueError("a streamer needs num_beams=1: beam search settles its tokens at the end")
     check_prompt(input_ids, attention_mask, "source" if _is_encoder_decoder(model) else "prompt")
     device = _device(model)
     input_ids = input_ids.to(device)
@@ -199,8 +171,8 @@ def generate(
     fused = fused_projections(attention_modules(model))
     with torch.inference_mode(), _eval_mode(model), fused:
         runner = cached_model(
-            model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-            static_cache=static_cache,
+            model, input_ids, attention_mask, max_new_tokens=settings.max_new_tokens,
+            static_cache=settings.static_cache,
         )  # fmt: skip
         if settings.num_beams > 1:
             new = beam_search(runner, settings)  # (B, n)
@@ -220,32 +192,19 @@ def stream(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    num_beams: int = 1,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    stop: int | str | Sequence[int | str] | None = None,
-    tokenizer: Tokenizer | None = None,
-    seed: int | None = None,
-    static_cache: bool = False,
+    settings: GenerationSettings | None = None,
+    **overrides: Any,
 ) -> Iterator[int] | Iterator[str]:
     """Generate for one prompt, handing out each token as soon as it is chosen.
 
-    The same tokens as ``generate`` with the same options (greedy or sampling; no beams).
+    The same tokens as ``generate`` with the same settings (greedy or sampling; no beams).
 
     Args:
         input_ids: one prompt (or source), (1, T) or (T,).
-        tokenizer: when given, yield text pieces instead of ids: each piece is what the new
-            token adds to the decoded text (held back while it ends in an incomplete character).
-        num_beams: must be 1 (taken so that one set of options serves both functions).
-        others: as in ``generate``.
+        settings, overrides: as in ``generate``; ``num_beams`` must be 1. With a
+            ``tokenizer``, yield text pieces instead of ids: each piece is what the new token
+            adds to the decoded text (held back while it ends in an incomplete character).
+        model, attention_mask: as in ``generate``.
 
     Yields:
         Token ids (int), or text pieces (str) with a tokenizer.
@@ -266,14 +225,9 @@ def stream(
             f"stream takes one prompt, (1, T) or (T,), got shape {tuple(input_ids.shape)}; "
             "use generate for batches"
         )
-    settings = resolve_settings(
-        getattr(model, "config", None), max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, num_beams=num_beams, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, stop=stop, tokenizer=tokenizer, seed=seed,
-        static_cache=static_cache,
-    )  # fmt: skip
-    if num_beams > 1:
+    settings = GenerationSettings.from_options(settings, **overrides)
+    settings = settings.resolved_for(getattr(model, "config", None))
+    if settings.num_beams > 1:
         raise ValueError(
             "stream hands out each token as it is chosen, but beam search (num_beams > 1) "
             "settles its tokens only at the end; use generate for beam search"
@@ -281,9 +235,9 @@ def stream(
     check_prompt(ids, mask, "source" if _is_encoder_decoder(model) else "prompt")
     device = _device(model)
     ids, mask = ids.to(device), None if mask is None else mask.to(device)
-    if tokenizer is None:
+    if settings.tokenizer is None:
         return _stream_ids(model, ids, mask, settings)
-    return _stream_text(_stream_ids(model, ids, mask, settings), tokenizer)
+    return _stream_text(_stream_ids(model, ids, mask, settings), settings.tokenizer)
 
 
 def _stream_ids(

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from qkv._kernels import onednn_available
+from qkv.data.config import DataSource
 from qkv.models.base import FAMILIES, QkvModel
 from qkv.train.config import ConfigError, TrainConfig
 from qkv.train.distributed import layer_stacks
@@ -138,7 +139,7 @@ _FROM_SOURCE = {
 }
 
 
-def resolve_model_config(config: TrainConfig, source: Any) -> Any:
+def resolve_model_config(config: TrainConfig, source: DataSource) -> Any:
     """The family's config with what the data decide filled in (see ``ModelSpec``)."""
     model_class = FAMILIES[config.model.family]
     fields = {f.name for f in dataclasses.fields(model_class.config_class)}
@@ -170,27 +171,31 @@ def resolve_model_config(config: TrainConfig, source: Any) -> Any:
     return model_config
 
 
-def build_model(config: TrainConfig, source: Any) -> QkvModel:
+def build_model(config: TrainConfig, source: DataSource) -> QkvModel:
     """The model, initialised from ``train.seed`` (the same weights on every rank)."""
     model_config = resolve_model_config(config, source)
     torch.manual_seed(config.train.seed)
     return FAMILIES[config.model.family](model_config)
 
 
-def build_objective(config: TrainConfig, source: Any, model_config: Any) -> Objective:
+def build_objective(config: TrainConfig, source: DataSource, model_config: Any) -> Objective:
     """The objective for ``data.kind``: lm, mlm, seq2seq or images."""
     kind = config.data.kind
     if kind == "lm":
-        return CausalLM()
+        return CausalLM(bits_per_char=config.data.tokenizer == "char")
     if kind == "mlm":
+        # Token ids are not part of the DataSource protocol: token sources carry them.
         mask_id = getattr(source, "mask_id", None)
         if mask_id is None:
             raise ConfigError(
                 "data.kind=mlm needs a tokenizer with a [MASK] token; use --data.tokenizer "
                 "wordpiece (or char, which has one)"
             )
+        vocab_size = getattr(source, "vocab_size", None)
+        if vocab_size is None:
+            raise ConfigError("data.kind=mlm needs token data: its source has no vocab_size")
         return MaskedLM(
-            mask_id=mask_id, vocab_size=int(source.vocab_size),
+            mask_id=mask_id, vocab_size=int(vocab_size),
             special_ids=list(getattr(source, "special_ids", [])),
         )  # fmt: skip
     if kind == "seq2seq":

@@ -2,7 +2,7 @@
 
 Every objective reports the validation loss (nats per target, summed over real targets and
 divided by their count, as in training), perplexity exp(loss) and the accuracy of the argmax
-prediction. Then, by kind:
+prediction. The objective (``qkv.train.objectives``) says what else, by kind:
 
     lm        bits per character, loss / ln 2, when each token is one character (char
               tokenizers); a sample from a fixed prompt (``sample``)
@@ -20,72 +20,56 @@ same positions. Evaluation leaves the global random state alone (the resume test
 
 from __future__ import annotations
 
-import logging
-import math
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from qkv.data.config import DataSource
 from qkv.interop.files import CheckpointError
 from qkv.models.base import FAMILIES, QkvModel
-from qkv.models.common import IGNORE_INDEX
 from qkv.train import checkpoint as ckpt
 from qkv.train.build import autocast_dtype, autocast_factory, build_objective
 from qkv.train.config import TrainConfig, config_from_dict
 from qkv.train.distributed import choose_backend, visible_gpu_count
-from qkv.train.objectives import Objective
+from qkv.train.objectives import Objective, ValTotals
 from qkv.train.rundir import check_same_config, default_cache_dir, load_run_config
 
 __all__ = ["FINAL", "Evaluator", "evaluate_run"]
 
-log = logging.getLogger(__name__)
-
 FINAL = "final"  # the run's exported model, under the run directory
-
-
-def _trim(ids: list[int], eos: int | None) -> list[int]:
-    """Ids up to (not including) the first end-of-sequence token."""
-    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
 
 
 class Evaluator:
     """Scores a model on the validation split of a data source.
 
+    What is measured beyond loss, perplexity and accuracy, and what a sample is, the
+    objective decides (``Objective.metric_names``, ``tally``, ``metrics``,
+    ``decoded_metrics``, ``sample``).
+
     Args:
-        config: the run's config (data kind, eval settings, batch sizes).
-        objective: the training objective (prepares batches and scores logits).
+        config: the run's config (eval settings, batch sizes, seed).
+        objective: the training objective (prepares batches, scores logits, names metrics).
         source: the data source (``val_batches``, token ids).
         tokenizer: decodes samples and BLEU references; None for images.
     """
 
     def __init__(
-        self, config: TrainConfig, objective: Objective, source: Any, tokenizer: Any
+        self, config: TrainConfig, objective: Objective, source: DataSource, tokenizer: Any
     ) -> None:
         self.config = config
         self.objective = objective
         self.source = source
         self.tokenizer = tokenizer
-        self.kind = config.data.kind
-        self.char_level = config.data.tokenizer == "char"
 
     @property
     def metric_names(self) -> list[str]:
         """The columns this evaluation fills, in order."""
-        names = ["val_loss", "val_ppl", "val_acc"]
-        if self.kind == "lm" and self.char_level:
-            names.append("val_bpc")
-        if self.kind == "mlm":
-            names.append("val_unigram_acc")
-        if self.kind == "seq2seq":
-            names += ["val_exact_match", "val_bleu"]
-        if self.kind == "images":
-            names.remove("val_ppl")
-        return names
+        return self.objective.metric_names
 
-    def _val_batches(self) -> Any:
+    def _val_batches(self) -> Iterator[dict[str, Tensor]]:
         c = self.config.train
         return self.source.val_batches(c.batch_size, c.eval_batches or None)
 
@@ -101,114 +85,30 @@ class Evaluator:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        total = correct = count = 0.0
-        targets_seen: Counter[int] = Counter()
+        totals = ValTotals()
         for index, raw in enumerate(self._val_batches()):
             batch = self.objective.prepare(raw, seed=self.config.train.seed, step=-1 - index)
             batch = batch.to(device)
             with autocast():
                 logits = self.objective.logits(model, batch)
-            total += float(self.objective.loss_sum(logits, batch))
-            real = batch.targets != IGNORE_INDEX  # (B, T) or (B,)
-            correct += float(((logits.argmax(-1) == batch.targets) & real).sum())
-            count += float(real.sum())
-            if self.kind == "mlm":
-                targets_seen.update(batch.targets[real].tolist())
-        if count == 0:
-            raise ValueError(
-                "the validation split scored no targets; use a larger corpus or a smaller "
-                "data.seq_len / data.val_fraction"
-            )
-        loss = total / count
-        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_acc": correct / count}
-        if "val_bpc" in self.metric_names:
-            out["val_bpc"] = loss / math.log(2)
-        if self.kind == "mlm":
-            out["val_unigram_acc"] = max(targets_seen.values()) / count
-        if self.kind == "seq2seq":
-            out.update(self._decode_metrics(model, autocast))
-        if self.kind == "images":
-            out.pop("val_ppl")
+            self.objective.tally(totals, logits, batch)
+        out = self.objective.metrics(totals)
+        decoded = self.objective.decoded_metrics(
+            model, self._val_batches(), source=self.source, tokenizer=self.tokenizer,
+            settings=self.config.eval, autocast=autocast,
+        )  # fmt: skip
+        out.update(decoded)
         model.train(was_training)
         return out
 
-    def _decode_metrics(self, model: nn.Module, autocast: Any) -> dict[str, float]:
-        """Exact match and BLEU of greedy decoding on the first validation examples."""
-        from qkv.generate import generate
-
-        limit = self.config.eval.generate_examples
-        eos = getattr(self.source, "eos_id", None)
-        pad = getattr(self.source, "pad_id", None)
-        device = next(model.parameters()).device
-        hypotheses: list[str] = []
-        references: list[str] = []
-        exact = seen = 0
-        for raw in self._val_batches():
-            if seen >= limit:
-                break
-            rows = min(limit - seen, raw["input_ids"].shape[0])
-            labels: Tensor = raw["labels"][:rows]  # (B, T)
-            longest = min(int(labels.shape[1]) + 1, self.config.eval.max_new_tokens)
-            with autocast():
-                out = generate(
-                    model, raw["input_ids"][:rows].to(device),
-                    raw["attention_mask"][:rows].to(device), max_new_tokens=longest,
-                    eos_token_id=eos, pad_token_id=pad,
-                )  # fmt: skip
-            for row in range(rows):
-                predicted = _trim(out[row, 1:].tolist(), eos)  # drop the decoder start
-                target = _trim([t for t in labels[row].tolist() if t != IGNORE_INDEX], eos)
-                exact += predicted == target
-                if self.tokenizer is not None:
-                    hypotheses.append(self.tokenizer.decode(predicted, skip_special_tokens=True))
-                    references.append(self.tokenizer.decode(target, skip_special_tokens=True))
-            seen += rows
-        metrics = {"val_exact_match": exact / max(seen, 1)}
-        try:
-            import sacrebleu
-        except ImportError:
-            log.info("sacrebleu is not installed (pip install 'qkv[data]'): no BLEU")
-            return metrics
-        if hypotheses:
-            metrics["val_bleu"] = sacrebleu.corpus_bleu(hypotheses, [references]).score
-        return metrics
-
     @torch.no_grad()
     def sample(self, model: nn.Module, *, autocast: Any, seed: int) -> str | None:
-        """A language model's continuation of the sample prompt (None for other kinds).
-
-        The prompt is ``eval.sample_prompt``, or else the first 32 tokens of the validation
-        split; sampling uses its own seeded generator.
-        """
-        settings = self.config.eval
-        if self.kind != "lm" or self.tokenizer is None or settings.sample_tokens == 0:
-            return None
-        from qkv.generate import generate
-
-        limit = getattr(getattr(model, "config", None), "max_seq_len", None)
-        if settings.sample_prompt:
-            prompt = self.tokenizer.encode(settings.sample_prompt).ids
-        else:  # the start of the validation text, at most a quarter of the positions
-            first = next(iter(self.source.val_batches(1, 1)))["input_ids"][0]
-            prompt = first[: min(32, max(1, (limit or 128) // 4))].tolist()
-        if not prompt:
-            return None
-        new = settings.sample_tokens
-        if limit is not None:
-            new = min(new, limit - len(prompt))
-        if new < 1:
-            return None
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        with autocast():
-            out = generate(
-                model, torch.tensor([prompt], device=device), max_new_tokens=new,
-                do_sample=True, temperature=settings.temperature,
-                top_k=settings.top_k or None, seed=seed, eos_token_id=[],
-            )  # fmt: skip
-        model.train(was_training)
-        return self.tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
+        """A sample of what ``model`` writes (a language model's continuation of the sample
+        prompt; None for other objectives). See ``Objective.sample``."""
+        return self.objective.sample(
+            model, source=self.source, tokenizer=self.tokenizer, settings=self.config.eval,
+            autocast=autocast, seed=seed,
+        )  # fmt: skip
 
 
 def evaluate_run(

@@ -21,20 +21,38 @@ over micro-batches (and summing them over ranks) gives exactly the gradient of o
 even when micro-batches hold different numbers of real tokens (padding, masking). A mean per
 micro-batch would weight a token of a short micro-batch more than one of a long one.
 
+Each objective also says how a model trained on it is evaluated (``qkv.train.evaluate``):
+every one reports the validation loss, perplexity exp(loss) and the accuracy of the argmax
+prediction, then::
+
+    causal LM        bits per character, loss / ln 2, when each token is one character; a
+                     sample from a fixed prompt
+    masked LM        the unigram baseline: the accuracy of always guessing the most frequent
+                     masked token (what a model that ignores context gets)
+    seq2seq          exact match and BLEU of greedy decoding on the first validation examples
+    classification   no perplexity (one class per example, not a sequence)
+
 Shape legend: B batch · T target positions · S source positions · V vocabulary · C classes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qkv.data.config import step_generator
+from qkv.data.config import DataSource, step_generator
 from qkv.models.common import IGNORE_INDEX, shift_right
+
+if TYPE_CHECKING:
+    from qkv.train.config import EvalConfig
 
 __all__ = [
     "Batch",
@@ -43,9 +61,12 @@ __all__ = [
     "MaskedLM",
     "Objective",
     "Seq2Seq",
+    "ValTotals",
     "loss_sum",
     "mask_tokens",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,10 +129,23 @@ def loss_sum(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> T
 # --8<-- [end:loss]
 
 
+@dataclass
+class ValTotals:
+    """Sums over the validation batches, from which an objective computes its metrics."""
+
+    loss: float = 0.0  # summed cross-entropy of the scored targets
+    correct: float = 0.0  # scored targets the argmax predicts
+    count: float = 0.0  # scored targets
+    targets: Counter[int] = field(default_factory=Counter)  # scored target ids (masked LM)
+
+
 class Objective:
     """Turns data batches into ``Batch`` records and runs the model on them.
 
     Subclasses implement ``prepare``; ``logits`` calls the model with the inputs as keywords.
+    For evaluation, ``tally`` adds a batch to the validation totals, ``metrics`` turns the
+    totals into the ``metric_names`` columns, and ``decoded_metrics`` and ``sample`` are what
+    an objective adds by generating (nothing, here).
     """
 
     name = "objective"
@@ -130,15 +164,115 @@ class Objective:
         """Summed cross-entropy of ``logits`` against ``batch.targets`` (a float32 scalar)."""
         return loss_sum(logits, batch.targets, self.label_smoothing)
 
+    # -- evaluation -------------------------------------------------------------------------
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The columns an evaluation fills, in order."""
+        return ["val_loss", "val_ppl", "val_acc"]
+
+    def tally(self, totals: ValTotals, logits: Tensor, batch: Batch) -> None:
+        """Add one validation batch to ``totals``: its loss sum, argmax hits and targets."""
+        totals.loss += float(self.loss_sum(logits, batch))
+        real = batch.targets != IGNORE_INDEX  # (B, T) or (B,)
+        totals.correct += float(((logits.argmax(-1) == batch.targets) & real).sum())
+        totals.count += float(real.sum())
+
+    def metrics(self, totals: ValTotals) -> dict[str, float]:
+        """The metrics of the validation totals (``decoded_metrics`` adds the rest).
+
+        Raises:
+            ValueError: no target was scored.
+        """
+        if totals.count == 0:
+            raise ValueError(
+                "the validation split scored no targets; use a larger corpus or a smaller "
+                "data.seq_len / data.val_fraction"
+            )
+        loss = totals.loss / totals.count
+        return {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 700.0)),
+            "val_acc": totals.correct / totals.count,
+        }
+
+    def decoded_metrics(
+        self, model: nn.Module, batches: Iterable[dict[str, Tensor]], *, source: DataSource,
+        tokenizer: Any, settings: EvalConfig, autocast: Callable[[], Any],
+    ) -> dict[str, float]:  # fmt: skip
+        """Metrics of what ``model`` generates for the validation ``batches`` (none here)."""
+        return {}
+
+    def sample(
+        self, model: nn.Module, *, source: DataSource, tokenizer: Any, settings: EvalConfig,
+        autocast: Callable[[], Any], seed: int,
+    ) -> str | None:  # fmt: skip
+        """A text that shows what ``model`` learned (None: this objective shows none)."""
+        return None
+
 
 class CausalLM(Objective):
-    """Predict token t + 1 from tokens 1 .. t: inputs ``ids[:, :-1]``, targets ``ids[:, 1:]``."""
+    """Predict token t + 1 from tokens 1 .. t: inputs ``ids[:, :-1]``, targets ``ids[:, 1:]``.
+
+    Args:
+        bits_per_char: each token is one character (a char tokenizer): report the loss in
+            bits per character too.
+    """
 
     name = "causal_lm"
+
+    def __init__(self, *, bits_per_char: bool = False) -> None:
+        self.bits_per_char = bits_per_char
 
     def prepare(self, batch: dict[str, Tensor], *, seed: int, step: int) -> Batch:
         ids = batch["input_ids"]  # (B, T)
         return Batch(inputs={"input_ids": ids[:, :-1]}, targets=ids[:, 1:])  # (B, T - 1)
+
+    @property
+    def metric_names(self) -> list[str]:
+        return super().metric_names + (["val_bpc"] if self.bits_per_char else [])
+
+    def metrics(self, totals: ValTotals) -> dict[str, float]:
+        out = super().metrics(totals)
+        if self.bits_per_char:
+            out["val_bpc"] = out["val_loss"] / math.log(2)
+        return out
+
+    def sample(
+        self, model: nn.Module, *, source: DataSource, tokenizer: Any, settings: EvalConfig,
+        autocast: Callable[[], Any], seed: int,
+    ) -> str | None:  # fmt: skip
+        """The model's continuation of ``settings.sample_prompt``, or else of the first 32
+        tokens of the validation split (None without a tokenizer or room to sample); sampling
+        uses its own seeded generator."""
+        if tokenizer is None or settings.sample_tokens == 0:
+            return None
+        from qkv.generate import generate
+
+        limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+        if settings.sample_prompt:
+            prompt = tokenizer.encode(settings.sample_prompt).ids
+        else:  # the start of the validation text, at most a quarter of the positions
+            first = next(iter(source.val_batches(1, 1)))["input_ids"][0]
+            prompt = first[: min(32, max(1, (limit or 128) // 4))].tolist()
+        if not prompt:
+            return None
+        new = settings.sample_tokens
+        if limit is not None:
+            new = min(new, limit - len(prompt))
+        if new < 1:
+            return None
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        with autocast():
+            out = generate(
+                model, torch.tensor([prompt], device=device), max_new_tokens=new,
+                do_sample=True, temperature=settings.temperature,
+                top_k=settings.top_k or None, seed=seed, eos_token_id=[],
+            )  # fmt: skip
+        model.train(was_training)
+        return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
 
 
 # --8<-- [start:masking]
@@ -217,6 +351,19 @@ class MaskedLM(Objective):
             inputs["attention_mask"] = attention_mask
         return Batch(inputs=inputs, targets=labels)
 
+    @property
+    def metric_names(self) -> list[str]:
+        return [*super().metric_names, "val_unigram_acc"]
+
+    def tally(self, totals: ValTotals, logits: Tensor, batch: Batch) -> None:
+        super().tally(totals, logits, batch)
+        totals.targets.update(batch.targets[batch.targets != IGNORE_INDEX].tolist())
+
+    def metrics(self, totals: ValTotals) -> dict[str, float]:
+        out = super().metrics(totals)
+        out["val_unigram_acc"] = max(totals.targets.values()) / totals.count
+        return out
+
 
 class Seq2Seq(Objective):
     """Teacher forcing: the decoder reads the targets shifted right behind a start token.
@@ -249,6 +396,60 @@ class Seq2Seq(Objective):
             targets=labels,
         )
 
+    @property
+    def metric_names(self) -> list[str]:
+        return [*super().metric_names, "val_exact_match", "val_bleu"]
+
+    def decoded_metrics(
+        self, model: nn.Module, batches: Iterable[dict[str, Tensor]], *, source: DataSource,
+        tokenizer: Any, settings: EvalConfig, autocast: Callable[[], Any],
+    ) -> dict[str, float]:  # fmt: skip
+        """Exact match and BLEU (sacrebleu, ``pip install 'qkv[data]'``) of greedy decoding
+        (``qkv.generate``) on the first ``settings.generate_examples`` examples."""
+        from qkv.generate import generate
+
+        limit = settings.generate_examples
+        eos = getattr(source, "eos_id", None)
+        pad = getattr(source, "pad_id", None)
+        device = next(model.parameters()).device
+        hypotheses: list[str] = []
+        references: list[str] = []
+        exact = seen = 0
+        for raw in batches:
+            if seen >= limit:
+                break
+            rows = min(limit - seen, raw["input_ids"].shape[0])
+            labels: Tensor = raw["labels"][:rows]  # (B, T)
+            longest = min(int(labels.shape[1]) + 1, settings.max_new_tokens)
+            with autocast():
+                out = generate(
+                    model, raw["input_ids"][:rows].to(device),
+                    raw["attention_mask"][:rows].to(device), max_new_tokens=longest,
+                    eos_token_id=eos, pad_token_id=pad,
+                )  # fmt: skip
+            for row in range(rows):
+                predicted = _trim(out[row, 1:].tolist(), eos)  # drop the decoder start
+                target = _trim([t for t in labels[row].tolist() if t != IGNORE_INDEX], eos)
+                exact += predicted == target
+                if tokenizer is not None:
+                    hypotheses.append(tokenizer.decode(predicted, skip_special_tokens=True))
+                    references.append(tokenizer.decode(target, skip_special_tokens=True))
+            seen += rows
+        metrics = {"val_exact_match": exact / max(seen, 1)}
+        try:
+            import sacrebleu
+        except ImportError:
+            log.info("sacrebleu is not installed (pip install 'qkv[data]'): no BLEU")
+            return metrics
+        if hypotheses:
+            metrics["val_bleu"] = sacrebleu.corpus_bleu(hypotheses, [references]).score
+        return metrics
+
+
+def _trim(ids: list[int], eos: int | None) -> list[int]:
+    """Ids up to (not including) the first end-of-sequence token."""
+    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
+
 
 class Classification(Objective):
     """One class per example: ``pixel_values`` in, ``labels`` (B,) as targets."""
@@ -260,3 +461,12 @@ class Classification(Objective):
 
     def prepare(self, batch: dict[str, Tensor], *, seed: int, step: int) -> Batch:
         return Batch(inputs={"pixel_values": batch["pixel_values"]}, targets=batch["labels"])
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [name for name in super().metric_names if name != "val_ppl"]
+
+    def metrics(self, totals: ValTotals) -> dict[str, float]:
+        out = super().metrics(totals)
+        out.pop("val_ppl")
+        return out

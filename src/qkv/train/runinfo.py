@@ -28,6 +28,7 @@ import torch
 
 import qkv
 from qkv._io import atomic_write_json
+from qkv.data.config import DataSource
 from qkv.interop.files import CheckpointError
 from qkv.train.config import TrainConfig
 
@@ -55,7 +56,7 @@ def clock_notes(config: TrainConfig) -> list[str]:
 
 def describe_run(
     config: TrainConfig,
-    source: Any,
+    source: DataSource,
     *,
     device: torch.device,
     world_size: int,

@@ -15,11 +15,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from qkv.data.config import DataSource
 from qkv.models.base import FAMILIES, QkvModel
 from qkv.train import checkpoint as ckpt
 from qkv.train.build import (
@@ -39,6 +40,9 @@ from qkv.train.rundir import check_run_dir, check_same_config, write_run_dir
 from qkv.train.runinfo import describe_run, record_run
 from qkv.train.schedule import LRSchedule
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
 __all__ = ["Progress", "RunParts", "plain_model", "setup_run", "start_run"]
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,7 @@ class RunParts:
     run_dir: Path
     ctx: DistContext
     callback: TrainCallback
-    source: Any
+    source: DataSource
     tokenizer: Any
     model: nn.Module  # wrapped for ctx.mode (DDP, FSDP) and the one the optimizer updates
     forward_model: nn.Module  # the same, compiled with train.compile
@@ -129,7 +133,7 @@ def setup_run(
 
 def _build_data(
     config: TrainConfig, cache_dir: Path, ctx: DistContext, callback: TrainCallback
-) -> tuple[Any, Any]:
+) -> tuple[DataSource, Tokenizer | None]:
     from qkv.data import build_data
 
     progress = getattr(callback, "on_data_progress", None)
