@@ -53,6 +53,10 @@ def beam_search(
 ) -> Tensor:
     """Beam search over a model with its caches; the best hypothesis of each row.
 
+    One of the few functions over 80 lines, on purpose: it is one loop whose three steps
+    (expand, finish, stop) share a dozen running tensors, and page 08 includes those steps
+    from here in order; split into functions, each would take and return all of them.
+
     Args:
         runner: the model, its prompt and caches (``qkv.generate.cached``), not yet prefilled.
         settings: ``num_beams``, ``length_penalty``, ``early_stopping``, ``max_new_tokens``,
