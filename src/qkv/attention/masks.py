@@ -38,25 +38,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from qkv.positional._positions import aligned_positions
+
 __all__ = ["causal", "padding", "prefix_lm", "sliding_window"]
-
-
-# --8<-- [start:positions]
-def _positions(t: int, s: int, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
-    """Absolute positions of the queries (T, 1) and keys (1, S), aligned bottom-right."""
-    if t < 0 or s < 0:
-        raise ValueError(f"T and S must be non-negative, got T={t}, S={s}")
-    if t > s:
-        raise ValueError(
-            f"T={t} queries cannot be aligned bottom-right with fewer keys S={s}; "
-            "S counts the cached keys plus the new ones, so S >= T"
-        )
-    query_pos = torch.arange(s - t, s, device=device).unsqueeze(-1)  # (T, 1)
-    key_pos = torch.arange(s, device=device).unsqueeze(0)  # (1, S)
-    return query_pos, key_pos
-
-
-# --8<-- [end:positions]
 
 
 # --8<-- [start:causal]
@@ -67,7 +51,7 @@ def causal(t: int, s: int | None = None, *, device: torch.device | str | None = 
     tensor([[1, 1, 0],
             [1, 1, 1]], dtype=torch.int32)
     """
-    query_pos, key_pos = _positions(t, t if s is None else s, device)
+    query_pos, key_pos = aligned_positions(t, t if s is None else s, device)
     return key_pos <= query_pos  # (T, S)
 
 
@@ -143,7 +127,7 @@ def prefix_lm(
             [1, 1, 1, 1]], dtype=torch.int32)
     """
     s = t if s is None else s
-    query_pos, key_pos = _positions(t, s, device)
+    query_pos, key_pos = aligned_positions(t, s, device)
     if isinstance(prefix_len, Tensor):
         if prefix_len.dim() != 1:
             raise ValueError(f"prefix_len must be an int or a (B,) tensor, got {prefix_len.shape}")
@@ -180,7 +164,7 @@ def sliding_window(
     """
     if window < 1:
         raise ValueError(f"window must be at least 1 (the query itself), got {window}")
-    query_pos, key_pos = _positions(t, t if s is None else s, device)
+    query_pos, key_pos = aligned_positions(t, t if s is None else s, device)
     distance = query_pos - key_pos  # (T, S)
     if causal:
         return (distance >= 0) & (distance < window)  # (T, S)

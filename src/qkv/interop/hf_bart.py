@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qkv.interop.activations import ACTIVATIONS_FROM_HF, ACTIVATIONS_TO_HF
 from qkv.interop.files import CheckpointError
 from qkv.interop.registry import Converter, register
 from qkv.models.bart import Bart, BartConfig
@@ -39,16 +40,8 @@ __all__ = ["CONVERTER", "config_from_hf", "config_to_hf", "weights_from_hf", "we
 
 Tensors = dict[str, Tensor]
 
-# Hugging Face activation names -> qkv's; the first name of each qkv activation is written.
-_ACTIVATIONS_FROM_HF = {
-    "gelu": "gelu",
-    "relu": "relu",
-    "swish": "silu",
-    "silu": "silu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-}
-_ACTIVATIONS_TO_HF = {"gelu": "gelu", "relu": "relu", "silu": "swish", "gelu_tanh": "gelu_new"}
+# qkv activation names -> Hugging Face's: as everywhere, but BART and Marian configs say "swish".
+_ACTIVATIONS_TO_HF = {**ACTIVATIONS_TO_HF, "silu": "swish"}
 
 # Per-layer tensors: qkv name -> Hugging Face name (each with .weight and .bias).
 _ENCODER_LAYER = {
@@ -132,7 +125,7 @@ def config_from_hf(hf: dict[str, Any]) -> BartConfig:
                 "checkpoint has separate ones (share_encoder_decoder_embeddings=false)"
             )
     activation = hf.get("activation_function", "gelu")
-    if activation not in _ACTIVATIONS_FROM_HF:
+    if activation not in ACTIVATIONS_FROM_HF:
         raise CheckpointError(f"activation_function {activation!r} is not supported by qkv")
     marian = model_type == "marian"
     return BartConfig(
@@ -144,7 +137,7 @@ def config_from_hf(hf: dict[str, Any]) -> BartConfig:
         positions="sinusoidal" if marian else "learned",
         scale_embedding=bool(hf.get("scale_embedding", False)),
         layernorm_embedding=not marian,
-        activation=_ACTIVATIONS_FROM_HF[activation],  # type: ignore[arg-type]
+        activation=ACTIVATIONS_FROM_HF[activation],
         dropout=hf.get("dropout", 0.1), attention_dropout=hf.get("attention_dropout", 0.0),
         activation_dropout=hf.get("activation_dropout", 0.0), init_std=hf.get("init_std", 0.02),
         pad_token_id=_required(hf, "pad_token_id"), bos_token_id=hf.get("bos_token_id"),

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qkv.interop.activations import ACTIVATIONS_FROM_HF, ACTIVATIONS_TO_HF
 from qkv.interop.files import CheckpointError
 from qkv.interop.registry import Converter, register
 from qkv.models.bert import Bert, BertConfig
@@ -59,16 +60,7 @@ ARCHITECTURE_FOR_HEAD = {
     "mlm": "BertForMaskedLM",
     "classification": "BertForSequenceClassification",
 }
-ACTIVATION_FROM_HF = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "relu": "relu",
-    "silu": "silu",
-    "swish": "silu",
-}
-ACTIVATIONS = sorted(ACTIVATION_FROM_HF)
-ACTIVATION_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+ACTIVATIONS = sorted(ACTIVATIONS_FROM_HF)
 # Written only where it differs from what the architecture implies (a masked-LM model built
 # with a pooler), so that qkv reads back exactly what it wrote; transformers ignores it.
 POOLER_KEY = "qkv_add_pooler"
@@ -97,7 +89,7 @@ def bert_config_from_hf(hf: dict[str, Any]) -> BertConfig:
             "qkv's Bert uses absolute learned positions"
         )
     act = hf.get("hidden_act", "gelu")
-    if act not in ACTIVATION_FROM_HF:
+    if act not in ACTIVATIONS_FROM_HF:
         raise CheckpointError(f"hidden_act={act!r} is not supported; use one of {ACTIVATIONS}")
     head = HEAD_FOR_ARCHITECTURE[architecture]
     if head == "mlm" and hf.get("tie_word_embeddings", True) is False:
@@ -115,7 +107,7 @@ def bert_config_from_hf(hf: dict[str, Any]) -> BertConfig:
         # qkv uses one rate; the two are equal (0.1) in every released BERT. Training only.
         dropout=hf.get("hidden_dropout_prob", 0.1),
         norm_eps=hf.get("layer_norm_eps", 1e-12),
-        activation=ACTIVATION_FROM_HF[act],  # type: ignore[arg-type]
+        activation=ACTIVATIONS_FROM_HF[act],
         pad_token_id=hf.get("pad_token_id", 0),
         head=head,  # type: ignore[arg-type]
         num_labels=num_labels,
@@ -134,7 +126,7 @@ def bert_config_to_hf(config: BertConfig) -> dict[str, Any]:
         "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads,
         "intermediate_size": config.d_ff,
-        "hidden_act": ACTIVATION_TO_HF[config.activation],
+        "hidden_act": ACTIVATIONS_TO_HF[config.activation],
         "hidden_dropout_prob": config.dropout,
         "attention_probs_dropout_prob": config.dropout,
         "max_position_embeddings": config.max_seq_len,

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from qkv.blocks.mlp import ActivationName
+from qkv.interop.activations import ACTIVATIONS_FROM_HF, ACTIVATIONS_TO_HF
 from qkv.interop.files import CheckpointError
 from qkv.interop.registry import Converter, register
 from qkv.models.gpt import GPT, GPTConfig
@@ -45,17 +46,11 @@ logger = logging.getLogger(__name__)
 
 Tensors = dict[str, Tensor]
 
-# transformers' activation names -> qkv's (see qkv.blocks.mlp.ACTIVATIONS).
+# transformers' activation names -> qkv's; GPT-2 configs may also name the faster tanh GELU.
 _ACTIVATIONS_FROM_HF: dict[str, ActivationName] = {
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
+    **ACTIVATIONS_FROM_HF,
     "gelu_fast": "gelu_tanh",
-    "gelu": "gelu",
-    "relu": "relu",
-    "silu": "silu",
-    "swish": "silu",
 }
-_ACTIVATIONS_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
 # --8<-- [start:names]
 # Per-layer names: qkv suffix -> Hugging Face suffix (Conv1D weights are transposed).
@@ -140,7 +135,7 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
         "layer_norm_epsilon": config.norm_eps,
-        "activation_function": _ACTIVATIONS_TO_HF[config.activation],
+        "activation_function": ACTIVATIONS_TO_HF[config.activation],
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": 0.02,
         "bos_token_id": config.bos_token_id,

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
+from qkv.interop.activations import ACTIVATIONS_FROM_HF
 from qkv.interop.files import CheckpointError
 from qkv.interop.registry import Converter, register
 from qkv.models.vit import ViT, ViTConfig
@@ -31,16 +32,6 @@ logger = logging.getLogger(__name__)
 Tensors = dict[str, Tensor]
 
 CLASSIFIER, BACKBONE = "ViTForImageClassification", "ViTModel"
-
-# Hugging Face's activation names -> qkv's.
-_ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "relu": "relu",
-    "silu": "silu",
-    "swish": "silu",
-}
 
 
 def _square(hf: dict[str, Any], key: str) -> int:
@@ -67,9 +58,9 @@ def vit_config_from_hf(hf: dict[str, Any]) -> ViTConfig:
     if not hf.get("qkv_bias", True):
         raise CheckpointError("qkv_bias=False is not supported: qkv's ViT has q/k/v biases")
     act = hf.get("hidden_act", "gelu")
-    if act not in _ACTIVATIONS:
+    if act not in ACTIVATIONS_FROM_HF:
         raise CheckpointError(
-            f"hidden_act={act!r} is not supported; qkv reads {list(_ACTIVATIONS)}"
+            f"hidden_act={act!r} is not supported; qkv reads {list(ACTIVATIONS_FROM_HF)}"
         )
     backbone = _architecture(hf) == BACKBONE
     d_model = hf.get("hidden_size", 768)
@@ -96,7 +87,7 @@ def vit_config_from_hf(hf: dict[str, Any]) -> ViTConfig:
         pooler=backbone,
         dropout=dropout,
         norm_eps=hf.get("layer_norm_eps", 1e-12),
-        activation=_ACTIVATIONS[act],  # type: ignore[arg-type]
+        activation=ACTIVATIONS_FROM_HF[act],
     )
 
 

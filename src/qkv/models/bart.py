@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from qkv.attention import masks
 from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, EncoderLayer, FeedForward
 from qkv.models.base import ModelOutput
+from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
 from qkv.models.common import (
     EncoderDecoderCaches,
     EncoderDecoderLM,
@@ -87,27 +88,18 @@ class BartConfig:
 
     def __post_init__(self) -> None:
         sizes = ("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff")
-        for name in (*sizes, "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                "each head gets d_model / n_heads dimensions"
-            )
+        require_positive(self, *sizes, "max_seq_len")
+        advice = "each head gets d_model / n_heads dimensions"
+        require_divisible(self, "d_model", "n_heads", advice=advice)
         if self.positions not in ("learned", "sinusoidal"):
             raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
         if self.positions == "sinusoidal" and self.d_model % 2:
             raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; use one of {[*ACTIVATIONS]}")
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id", "bos_token_id"):
-            token = getattr(self, name)
-            if token is not None and not 0 <= token < self.vocab_size:
-                raise ValueError(f"{name}={token} is not in the vocabulary [0, {self.vocab_size})")
+        require_rate(self, "dropout", "attention_dropout", "activation_dropout")
+        tokens = ("pad_token_id", "eos_token_id", "decoder_start_token_id", "bos_token_id")
+        require_token_ids(self, *tokens, vocab_size=self.vocab_size)
 
 
 # Counts are Hugging Face's num_parameters() for the matching config (tied tensors once).

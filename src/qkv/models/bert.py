@@ -49,6 +49,7 @@ from qkv.blocks.block import EncoderLayer
 from qkv.blocks.mlp import ActivationName, get_activation
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.checks import require_divisible, require_positive, require_rate
 from qkv.models.common import IGNORE_INDEX, attention_modules
 from qkv.positional.learned import LearnedPositionalEmbedding
 
@@ -88,13 +89,9 @@ class BertConfig:
 
     def __post_init__(self) -> None:
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
-        for name in (*sizes, "type_vocab_size", "num_labels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        require_positive(self, *sizes, "type_vocab_size", "num_labels", must_be="at least 1")
+        require_divisible(self, "d_model", "n_heads")
+        require_rate(self, "dropout")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id} is not in [0, {self.vocab_size})")
         if self.head not in ("none", "mlm", "classification"):

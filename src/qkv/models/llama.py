@@ -41,6 +41,7 @@ from qkv.attention.kv_cache import KVCache
 from qkv.blocks.block import DecoderLayer
 from qkv.blocks.norms import RMSNorm
 from qkv.models.base import ModelOutput
+from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
 from qkv.models.common import (
     DecoderLM,
     causal_lm_loss,
@@ -98,28 +99,18 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
-        for name in (*sizes, "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            token = getattr(self, name)
-            if token is not None and not 0 <= token < self.vocab_size:
-                raise ValueError(f"{name}={token} is not in the vocabulary [0, {self.vocab_size})")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                "change one so that each head gets d_model / n_heads dimensions"
-            )
+        require_positive(self, *sizes, "max_seq_len")
+        tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
+        require_token_ids(self, *tokens, vocab_size=self.vocab_size)
+        advice = "change one so that each head gets d_model / n_heads dimensions"
+        require_divisible(self, "d_model", "n_heads", advice=advice)
         if self.head_dim % 2:
             raise ValueError(
                 f"head_dim = d_model / n_heads = {self.head_dim} must be even: RoPE rotates "
                 "pairs of dimensions"
             )
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
-                "each key/value head must serve the same number of query heads"
-            )
+        advice = "each key/value head must serve the same number of query heads"
+        require_divisible(self, "n_heads", "n_kv_heads", advice=advice)
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(
                 f"sliding_window must be None (attend to all) or at least 1, "
@@ -129,8 +120,7 @@ class LlamaConfig:
             raise ValueError(
                 f"norm_eps must be > 0 and rope_base > 1, got {self.norm_eps}, {self.rope_base}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        require_rate(self, "dropout")
 
     @property
     def head_dim(self) -> int:

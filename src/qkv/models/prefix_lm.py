@@ -41,6 +41,7 @@ from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
 from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, LayerNorm
 from qkv.models.base import ModelOutput
+from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
 from qkv.models.common import (
     IGNORE_INDEX,
     DecoderLM,
@@ -78,17 +79,11 @@ class PrefixLMConfig:
     attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            token = getattr(self, name)
-            if token is not None and not 0 <= token < self.vocab_size:
-                raise ValueError(f"{name}={token} is not in the vocabulary [0, {self.vocab_size})")
-        if self.n_heads < 1 or self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        require_positive(self, "vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len")
+        tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
+        require_token_ids(self, *tokens, vocab_size=self.vocab_size)
+        require_divisible(self, "d_model", "n_heads")
+        require_rate(self, "dropout")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; use {list(ACTIVATIONS)}")
 

@@ -37,6 +37,7 @@ from qkv.attention.masks import padding
 from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks import DecoderLayer, EncoderLayer, RMSNorm
 from qkv.models.base import ModelOutput
+from qkv.models.checks import require_positive
 from qkv.models.common import (
     EncoderDecoderCaches,
     EncoderDecoderLM,
@@ -73,9 +74,8 @@ class T5Config:
     attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "n_layers", "n_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        sizes = ("vocab_size", "d_model", "d_kv", "d_ff", "n_layers", "n_heads")
+        require_positive(self, *sizes, must_be="a positive integer")
         if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
             raise ValueError(f"n_decoder_layers must be >= 1 or None, got {self.n_decoder_layers}")
         if self.feed_forward not in ("relu", "gated-gelu"):

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from qkv.attention import masks
 from qkv.blocks import DecoderLayer, EncoderLayer
 from qkv.models.base import ModelOutput
+from qkv.models.checks import require_divisible, require_positive, require_rate
 from qkv.models.common import (
     EncoderDecoderCaches,
     EncoderDecoderLM,
@@ -70,22 +71,19 @@ class TransformerConfig:
     attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("src_vocab_size", "tgt_vocab_size", "n_encoder_layers", "n_decoder_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(
+            self, "src_vocab_size", "tgt_vocab_size", "n_encoder_layers", "n_decoder_layers"
+        )
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(
                 f"share_embeddings=True needs one vocabulary, got src_vocab_size="
                 f"{self.src_vocab_size} and tgt_vocab_size={self.tgt_vocab_size}; make them "
                 "equal or set share_embeddings=False"
             )
-        if self.n_heads < 1 or self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        require_divisible(self, "d_model", "n_heads")
         if self.d_model % 2:
             raise ValueError(f"d_model={self.d_model} must be even for sinusoidal positions")
-        for name in ("dropout", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        require_rate(self, "dropout", "label_smoothing")
         for name in ("pad_token_id", "decoder_start_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.tgt_vocab_size:
                 raise ValueError(

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from qkv.attention.multihead import recording_weights
 from qkv.blocks import ACTIVATIONS, ActivationName, EncoderLayer, LayerNorm
 from qkv.models.base import ModelOutput, QkvModel
+from qkv.models.checks import require_divisible, require_positive, require_rate
 from qkv.models.common import IGNORE_INDEX, attention_modules
 from qkv.positional import LearnedPositionalEmbedding
 
@@ -59,19 +60,11 @@ class ViTConfig:
     attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "num_channels", "d_model", "n_layers", "d_ff"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "
-                "choose a patch size that tiles the image exactly (e.g. 2 or 4 for 8x8 images)"
-            )
-        if self.n_heads < 1 or self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                "change one of them"
-            )
+        sizes = ("image_size", "patch_size", "num_channels", "d_model", "n_layers", "d_ff")
+        require_positive(self, *sizes)
+        advice = "choose a patch size that tiles the image exactly (e.g. 2 or 4 for 8x8 images)"
+        require_divisible(self, "image_size", "patch_size", advice=advice)
+        require_divisible(self, "d_model", "n_heads", advice="change one of them")
         if self.num_labels < 0:
             raise ValueError(f"num_labels must be >= 0 (0 = no head), got {self.num_labels}")
         if self.pooler and self.num_labels:
@@ -79,8 +72,7 @@ class ViTConfig:
                 "pooler=True is for a backbone (num_labels=0), as in Hugging Face's ViTModel; "
                 "the classifier reads the class token directly, so set pooler=False"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        require_rate(self, "dropout")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; use {list(ACTIVATIONS)}")
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by the position encodings: checking position ids, relative positions.
+"""Small helpers shared by the position encodings and the masks: positions and their checks.
 
 Shape legend: B batch · T query positions · S key/value positions.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_position_ids", "relative_positions"]
+__all__ = ["aligned_positions", "check_position_ids", "relative_positions"]
 
 _INTEGER_DTYPES = (torch.int64, torch.int32)
 
@@ -41,6 +41,26 @@ def check_position_ids(
         raise ValueError(f"sequence of {hi + 1} positions exceeds {name}={limit}; raise {name}")
 
 
+# --8<-- [start:aligned]
+def aligned_positions(
+    t: int, s: int, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Absolute positions of the queries (T, 1) and keys (1, S), aligned bottom-right."""
+    if t < 0 or s < 0:
+        raise ValueError(f"T and S must be non-negative, got T={t}, S={s}")
+    if t > s:
+        raise ValueError(
+            f"T={t} queries cannot be aligned bottom-right with fewer keys S={s}; "
+            "S counts the cached keys plus the new ones, so S >= T"
+        )
+    query_pos = torch.arange(s - t, s, device=device).unsqueeze(-1)  # (T, 1)
+    key_pos = torch.arange(s, device=device).unsqueeze(0)  # (1, S)
+    return query_pos, key_pos
+
+
+# --8<-- [end:aligned]
+
+
 def relative_positions(t: int, s: int, device: torch.device | str | None = None) -> Tensor:
     """Key position minus query position, j - i, with the T queries aligned bottom-right.
 
@@ -54,13 +74,5 @@ def relative_positions(t: int, s: int, device: torch.device | str | None = None)
     Returns:
         (T, S) long tensor.
     """
-    if t < 0 or s < 0:
-        raise ValueError(f"T and S must be non-negative, got T={t}, S={s}")
-    if t > s:
-        raise ValueError(
-            f"T={t} queries cannot be aligned bottom-right with fewer keys S={s}; "
-            "S counts the cached keys plus the new ones, so S >= T"
-        )
-    query_pos = torch.arange(s - t, s, device=device).unsqueeze(-1)  # (T, 1)
-    key_pos = torch.arange(s, device=device).unsqueeze(0)  # (1, S)
+    query_pos, key_pos = aligned_positions(t, s, device)  # (T, 1), (1, S)
     return key_pos - query_pos  # (T, S)
