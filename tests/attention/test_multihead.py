@@ -8,6 +8,7 @@ from torch import nn
 
 from qkv import KVCache, MultiHeadAttention, masks
 from qkv.attention import recording_weights
+from qkv.attention.multihead import capturing
 from tests.conftest import ATOL
 
 D, H = 32, 4
@@ -206,6 +207,23 @@ def test_recording_weights_restores_flags_after_an_error() -> None:
         mha(torch.randn(2, 5, D))
         raise RuntimeError
     assert weights == [] and not mha.capture_weights and mha.last_weights is None
+
+
+def test_capturing_keeps_what_proves_the_weights_and_marks_modules_that_did_not_run() -> None:
+    ran, idle = MultiHeadAttention(D, H, n_kv_heads=2), MultiHeadAttention(D, H)
+    x = torch.randn(2, 5, D)
+    with capturing([idle, ran]) as captures:
+        out = ran(x, causal=True)
+        assert captures == []  # filled when the block exits
+    assert captures[0] is None  # idle did not run
+    capture = captures[1]
+    assert capture is not None and capture.weights.shape == (2, H, 5, 5)
+    assert capture.values.shape == (2, 2, 5, D // H) and capture.output.shape == (2, H, 5, D // H)
+    v = capture.values.repeat_interleave(H // 2, dim=1)  # (B, H, S, E)
+    torch.testing.assert_close(capture.weights @ v, capture.output, atol=1e-6, rtol=0)
+    merged = capture.output.transpose(1, 2).reshape(2, 5, D)  # (B, T, H E)
+    torch.testing.assert_close(ran.out_proj(merged), out, atol=1e-6, rtol=0)
+    assert ran.last_capture is None and not ran.capture_weights  # freed: the caller holds it
 
 
 def test_dropout_only_in_training() -> None:

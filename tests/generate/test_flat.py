@@ -9,11 +9,9 @@ import pytest
 import torch
 
 import qkv.generate.cached as cached_module
-from qkv.attention.fused import fused_projections
 from qkv.generate.cached import CachedDecoder
 from qkv.generate.flat import FlatDecoderStep, flat_step
 from qkv.models import llama
-from qkv.models.common import attention_modules
 from qkv.models.gpt import GPT, PRESETS, GPTConfig
 from tests.conftest import ATOL, HALF_FACTOR
 from tests.generate.conftest import tiny
@@ -60,7 +58,7 @@ def _logits_per_step(
         flat=flat,
     )  # fmt: skip
     assert (runner.flat_step is not None) == flat
-    with torch.inference_mode(), fused_projections(attention_modules(model)):
+    with torch.inference_mode():
         steps = [runner.prefill()]
         steps += [runner.step(tokens[:, i]) for i in range(tokens.shape[1])]
     return torch.stack(steps, dim=1).clone()  # (B, 1 + steps, V)

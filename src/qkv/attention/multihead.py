@@ -28,21 +28,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from qkv.attention.backends import repeat_kv
 from qkv.attention.core import reference_attention, scaled_dot_product_attention
-from qkv.attention.fused import FusedQKV, fused_output, fused_self_projections
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.masks import causal as causal_mask
 
 __all__ = [
+    "AttentionCapture",
     "MultiHeadAttention",
     "QKRotation",
     "ScoreBias",
+    "capturing",
     "recording_weights",
 ]
 
@@ -60,6 +61,15 @@ class ScoreBias(Protocol):
     """
 
     def __call__(self, q: Tensor, s: int) -> Tensor: ...
+
+
+class AttentionCapture(NamedTuple):
+    """What a capturing forward keeps: the exact weights, and the two tensors that prove them
+    (``weights @ values == output``, see ``qkv.viz.capture.check_weights``)."""
+
+    weights: Tensor  # (B, H, T, S), recomputed from the q and k the fast path used
+    values: Tensor  # (B, K, S, E), the values the fast path read
+    output: Tensor  # (B, H, T, E), the fast path's heads, before they are merged
 
 
 class MultiHeadAttention(nn.Module):
@@ -80,10 +90,12 @@ class MultiHeadAttention(nn.Module):
         attn_impl: the attention backend, see ``qkv.scaled_dot_product_attention``.
 
     Attributes:
-        capture_weights: when True, each forward also stores the exact attention weights
-            (B, H, T, S) in ``last_weights``, recomputed from the same q and k, while the output
-            still comes from the fast path. They are the weights before attention dropout
-            (identical to the ones used in eval mode).
+        capture_weights: when True, each forward also stores an ``AttentionCapture`` in
+            ``last_capture``: the exact attention weights (B, H, T, S), recomputed from the same
+            q and k, with the values and heads' output they must reproduce, while the output
+            still comes from the fast path. The weights are those before attention dropout
+            (identical to the ones used in eval mode); ``last_weights`` is a shortcut to them.
+            ``capturing`` switches it on for a block of code.
 
     Example:
         >>> import torch
@@ -143,14 +155,12 @@ class MultiHeadAttention(nn.Module):
         self.rotary = rotary
         self.score_bias = score_bias
         self.capture_weights = False
-        self.last_weights: Tensor | None = None
-        self.fuse_projections = False  # set by fused_projections (generation)
-        self._fused: FusedQKV | None = None  # stacked q/k/v weights (fused.py), not saved
-        # With capture_values too, the capture also keeps v and the heads' fast output, so that
-        # qkv.viz.capture can check weights @ v == output.
-        self.capture_values = False
-        self.last_values: Tensor | None = None  # (B, K, S, E)
-        self.last_output: Tensor | None = None  # (B, H, T, E)
+        self.last_capture: AttentionCapture | None = None
+
+    @property
+    def last_weights(self) -> Tensor | None:
+        """The weights (B, H, T, S) of the last capturing forward, or None."""
+        return None if self.last_capture is None else self.last_capture.weights
 
     # --8<-- [start:split_heads]
     def _split_heads(self, x: Tensor, n: int) -> Tensor:
@@ -161,27 +171,11 @@ class MultiHeadAttention(nn.Module):
 
     # --8<-- [start:projections]
     def _self_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Self-attention's q = x W_Q, k = x W_K, v = x W_V, split into heads.
-
-        Inside ``fused_projections`` (generation enters it) and without gradients, the three
-        maps run as one matrix product with the weights stacked (``qkv.attention.fused``);
-        otherwise as three ``nn.Linear`` calls (``_plain_projections``, the reference). Both
-        give the same q, k, v.
-        """
-        if self.fuse_projections and not torch.is_grad_enabled():
-            return fused_self_projections(self, x)
-        return self._plain_projections(x)
-
-    def _plain_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The reference: three separate projections of x (B, T, D)."""
+        """Self-attention's q = x W_Q, k = x W_K, v = x W_V of x (B, T, D), split into heads."""
         q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
         k = self._split_heads(self.k_proj(x), self.n_kv_heads)  # (B, K, T, E)
         v = self._split_heads(self.v_proj(x), self.n_kv_heads)  # (B, K, T, E)
         return q, k, v
-
-    def clear_fused_cache(self) -> None:
-        """Drop the stacked q/k/v weights (``fused_projections`` rebuilds them on entry)."""
-        self._fused = None
 
     # --8<-- [end:projections]
 
@@ -253,14 +247,10 @@ class MultiHeadAttention(nn.Module):
         out = scaled_dot_product_attention(
             q, k, v, mask, bias=bias, scale=self.scale, dropout_p=dropout_p, impl=self.attn_impl
         )  # (B, H, T, E)
-        if self.capture_weights:
-            self.last_weights = self._exact_weights(q, k, v, mask, bias).detach()  # (B, H, T, S)
-            if self.capture_values:
-                self.last_values = v.detach()  # (B, K, S, E)
-                self.last_output = out.detach()  # (B, H, T, E)
+        if self.capture_weights:  # the exact weights, with the v and output that prove them
+            weights = self._exact_weights(q, k, v, mask, bias)  # (B, H, T, S)
+            self.last_capture = AttentionCapture(weights.detach(), v.detach(), out.detach())
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H * E)
-        if self.fuse_projections and not torch.is_grad_enabled():
-            return fused_output(self, out)  # (B, T, D)
         return self.out_proj(out)  # (B, T, D)
 
     # --8<-- [end:forward]
@@ -280,14 +270,44 @@ class MultiHeadAttention(nn.Module):
 
 
 @contextmanager
+def capturing(modules: Sequence[MultiHeadAttention]) -> Iterator[list[AttentionCapture | None]]:
+    """Capture the attention of ``modules`` while the block runs (``capture_weights``).
+
+    The one recording mechanism: ``recording_weights`` (models' ``output_attentions``) and
+    ``qkv.viz.capture.record_attention`` are built on it. On entry each module's
+    ``capture_weights`` is switched on and its earlier capture dropped; on leaving the block
+    each module gets back the setting it had, and those that were not capturing before free
+    their capture (the list holds the caller's reference).
+
+    Args:
+        modules: the attention modules to capture, in the order their captures should come.
+
+    Yields:
+        A list that, once the block exits normally, holds each module's ``AttentionCapture``
+        in the order of ``modules``, or None for a module that did not run in the block.
+    """
+    modules = list(modules)
+    before = [m.capture_weights for m in modules]
+    captures: list[AttentionCapture | None] = []
+    try:
+        for m in modules:
+            m.capture_weights, m.last_capture = True, None
+        yield captures
+        captures.extend(m.last_capture for m in modules)
+    finally:
+        for m, was in zip(modules, before, strict=True):
+            m.capture_weights = was
+            if not was:
+                m.last_capture = None  # the caller holds its copy; do not keep (B, H, T, S) alive
+
+
+@contextmanager
 def recording_weights(
     modules: Sequence[MultiHeadAttention], enabled: bool = True
 ) -> Iterator[list[Tensor]]:
     """Record the exact attention weights of ``modules`` while the block runs.
 
-    Switches ``capture_weights`` on for each module, and on leaving the block puts back the
-    setting it had and frees ``last_weights`` of those that were not recording before (the list
-    holds the caller's reference). Models use it for ``output_attentions=True``.
+    ``capturing``, keeping the weights only. Models use it for ``output_attentions=True``.
 
     Args:
         modules: the attention modules to record, in the order their weights should come.
@@ -307,16 +327,7 @@ def recording_weights(
         >>> [tuple(w.shape) for w in weights], layers[0].capture_weights
         ([(1, 2, 3, 3), (1, 2, 3, 3)], False)
     """
-    modules = list(modules) if enabled else []
-    before = [m.capture_weights for m in modules]
     weights: list[Tensor] = []
-    try:
-        for m in modules:
-            m.capture_weights = True
+    with capturing(modules if enabled else []) as captures:
         yield weights
-        weights.extend(m.last_weights for m in modules if m.last_weights is not None)
-    finally:
-        for m, was in zip(modules, before, strict=True):
-            m.capture_weights = was
-            if not was:
-                m.last_weights = None  # the caller holds its copy; do not keep (B, H, T, S) alive
+    weights.extend(c.weights for c in captures if c is not None)

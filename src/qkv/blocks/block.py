@@ -286,9 +286,6 @@ class DecoderLayer(nn.Module):
                 f"was built with cross_attention={self.cross_attn is not None}"
             )
 
-        if self.norm_first and self.cross_attn is None and not self.training:
-            return self._pre_norm_inference(x, self_mask, causal, bias, cache, position_ids)
-
         def self_attend(h: Tensor) -> Tensor:
             return self.self_attn(
                 h, mask=self_mask, causal=causal, bias=bias, cache=cache,
@@ -309,24 +306,3 @@ class DecoderLayer(nn.Module):
         return x
 
     # --8<-- [end:decoder_forward]
-
-    def _pre_norm_inference(
-        self,
-        x: Tensor,
-        self_mask: Tensor | None,
-        causal: bool,
-        bias: Tensor | None,
-        cache: KVCache | None,
-        position_ids: Tensor | None,
-    ) -> Tensor:
-        """Fast path of ``forward`` for a pre-norm layer without cross-attention, at inference.
-
-        The same two residual sums as ``residual_sublayer(..., norm_first=True)`` with dropout
-        off, written out: a decoding step runs this once per layer and token, and the closures
-        and calls of the general path cost a few microseconds each time.
-        """
-        h = self.attn_norm(x)  # (B, T, D)
-        x = x + self.self_attn(
-            h, mask=self_mask, causal=causal, bias=bias, cache=cache, position_ids=position_ids
-        )  # (B, T, D)
-        return x + self.mlp(self.mlp_norm(x))  # (B, T, D)

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from qkv.attention.fused import fused_projections
 from qkv.generate.beam import beam_search
 from qkv.generate.cached import (
     CachedDecoder,
@@ -37,7 +36,6 @@ from qkv.generate.cached import is_encoder_decoder as _is_encoder_decoder
 from qkv.generate.sampling import greedy, process_logits, sample
 from qkv.generate.settings import GenerationSettings, check_prompt
 from qkv.generate.stopping import StopCondition
-from qkv.models.common import attention_modules
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -167,9 +165,7 @@ def generate(
     device = _device(model)
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
-    # Each attention layer's projections from fused weights (see fused_projections).
-    fused = fused_projections(attention_modules(model))
-    with torch.inference_mode(), _eval_mode(model), fused:
+    with torch.inference_mode(), _eval_mode(model):
         runner = cached_model(
             model, input_ids, attention_mask, max_new_tokens=settings.max_new_tokens,
             static_cache=settings.static_cache,
@@ -243,9 +239,8 @@ def stream(
 def _stream_ids(
     model: nn.Module, ids: Tensor, mask: Tensor | None, settings: GenerationSettings
 ) -> Iterator[int]:
-    # Inference mode (and the fused projections) are entered around each step only: the
-    # caller's code between two tokens runs in whatever mode it chose.
-    attns = attention_modules(model)
+    # Inference mode is entered around each step only: the caller's code between two tokens
+    # runs in whatever mode it chose.
     with _eval_mode(model):
         with torch.inference_mode():
             runner = cached_model(
@@ -254,7 +249,7 @@ def _stream_ids(
             )  # fmt: skip
             steps = decode_steps(runner, settings)
         while True:
-            with torch.inference_mode(), fused_projections(attns):
+            with torch.inference_mode():
                 tokens = next(steps, None)
             if tokens is None:
                 return

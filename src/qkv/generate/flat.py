@@ -17,14 +17,16 @@ place to learn the models: read ``qkv.models`` and ``qkv.blocks.block`` for that
 because, at small sizes, a decoding step is dominated by Python: the module path makes about 30
 module calls and several checks per token, each costing microseconds, while the arithmetic of a
 small model costs less. Written as one loop over the weights, the step makes only the calls
-that do work, computes RoPE's angles once per step instead of once per layer (and rotates q
-and k in one call), uses PyTorch's fused RMSNorm for ``rms_norm``, and runs every
-matrix product on the kernel that reads its weights fastest on a CPU, chosen once per weight
-(``qkv._kernels``). ``benchmarks/generation.py`` measures the effect.
+that do work, multiplies by each layer's q, k and v weights stacked into one matrix (a copy
+the step owns for one generation: ``stacked_qkv``), computes RoPE's angles once per step
+instead of once per layer (and rotates q and k in one call), uses PyTorch's fused RMSNorm for
+``rms_norm``, and runs every matrix product on the kernel that reads its weights fastest on
+a CPU, chosen once per weight (``qkv._kernels``). ``benchmarks/generation.py`` measures the effect.
 
 Generation takes it for a model of a type in ``FLAT_MODELS`` whose parts are the stock ones
 (checked by ``flat_step``); anything else (a subclass, hooks, another attention implementation,
-attention capture, Prefix-LM, encoder-decoders) decodes through its modules.
+attention capture, Prefix-LM, encoder-decoders) decodes through its modules. It is
+generation's one fast path: the modules have a single forward each, with no inference branch.
 
 Shape legend: N rows (batch, or batch times beams) · S cached positions · D model width ·
 H query heads · K key/value heads · E head dim · F MLP hidden width · V vocabulary.
@@ -41,7 +43,6 @@ from torch import Tensor, nn
 
 from qkv._kernels import bound_linear
 from qkv.attention import masks
-from qkv.attention.fused import fused_qkv
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks.block import DecoderLayer
@@ -51,7 +52,7 @@ from qkv.models.gpt import GPT
 from qkv.models.llama import Llama
 from qkv.positional.rope import RotaryEmbedding, apply_rotary
 
-__all__ = ["FLAT_MODELS", "FlatDecoderStep", "flat_step"]
+__all__ = ["FLAT_MODELS", "FlatDecoderStep", "flat_step", "stacked_qkv"]
 
 FLAT_MODELS: tuple[type[nn.Module], ...] = (GPT, Llama)  # exactly these types, not subclasses
 
@@ -90,14 +91,33 @@ def _mlp(module: nn.Module) -> Fn:
     return lambda x: down(act(up(x)))  # (N, D)
 
 
+@torch.no_grad()
+def stacked_qkv(attn: MultiHeadAttention) -> tuple[Tensor, Tensor | None]:
+    """[W_Q; W_K; W_V] ((H + 2K) E, D) and [b_Q | b_K | b_V] ((H + 2K) E,) or None.
+
+    A copy of the three projections' weights, made from the weights as they are when a
+    generation starts: the step then computes q, k and v with one product instead of three
+    (each call costs microseconds of dispatch, whatever its size). The step holds the copy and
+    the generation drops it when it ends; nothing is kept on the module.
+    """
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    weight = torch.cat([m.weight.detach() for m in projections])  # ((H + 2K) E, D)
+    if all(m.bias is None for m in projections):
+        return weight, None
+    biases: list[Tensor] = [
+        m.weight.new_zeros(m.out_features) if m.bias is None else m.bias.detach()
+        for m in projections
+    ]  # (H E,), (K E,), (K E,)
+    return weight, torch.cat(biases)  # ((H + 2K) E,)
+
+
 def _layer_steps(layer: nn.Module) -> _LayerSteps:
     """Gather one stock pre-norm layer's parts (see ``_stock_layer``)."""
     assert isinstance(layer, DecoderLayer)
     attn = layer.self_attn
-    stacked = fused_qkv(attn)  # [W_Q; W_K; W_V], rebuilt if stale
     return _LayerSteps(
         norm1=_norm(layer.attn_norm),
-        qkv=bound_linear(stacked.weight, stacked.bias),
+        qkv=bound_linear(*stacked_qkv(attn)),  # one product for q, k and v
         out=bound_linear(attn.out_proj.weight, attn.out_proj.bias),
         norm2=_norm(layer.mlp_norm),
         mlp=_mlp(layer.mlp),
@@ -108,7 +128,9 @@ class FlatDecoderStep:
     """One decoding step of a GPT or a Llama, as plain calls over its weights (see the module
     docstring).
 
-    Built once per generation; the model's parameters must not change while it is used.
+    Built once per generation, from the parameters as they are then (it holds its own stacked
+    copy of each layer's q/k/v weights, freed with it); the parameters must not change while it
+    is used.
 
     Args:
         model: a model that ``flat_step`` accepts.

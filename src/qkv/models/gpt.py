@@ -45,6 +45,7 @@ from qkv.blocks.block import DecoderLayer
 from qkv.blocks.mlp import ACTIVATIONS, ActivationName
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput
+from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
 from qkv.models.common import (
     DecoderLM,
     causal_lm_loss,
@@ -82,22 +83,15 @@ class GPTConfig:
     attn_impl: str = "auto"  # see qkv.scaled_dot_product_attention
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            token = getattr(self, name)
-            if token is not None and not 0 <= token < self.vocab_size:
-                raise ValueError(f"{name}={token} is not in the vocabulary [0, {self.vocab_size})")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; each head "
-                "gets d_model / n_heads features, so change one of them"
-            )
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
+        require_positive(self, *sizes, must_be="a positive integer")
+        tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
+        require_token_ids(self, *tokens, vocab_size=self.vocab_size)
+        advice = "each head gets d_model / n_heads features, so change one of them"
+        require_divisible(self, "d_model", "n_heads", advice=advice)
         if self.d_ff is not None and self.d_ff < 1:
             raise ValueError(f"d_ff must be positive (or None for 4 * d_model), got {self.d_ff}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        require_rate(self, "dropout")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.activation not in ACTIVATIONS:
@@ -231,9 +225,9 @@ class GPT(DecoderLM):
             )
         check_attention_mask(attention_mask, past + t)
         mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
-        x = self.tok_emb(input_ids) + self._positions(position_ids, attention_mask, t, past)
-        if self.training:  # (dropout is the identity at inference: skip the call)
-            x = self.dropout(x)  # (B, T, D)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, t, past, device=input_ids.device)
+        x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, D)
         hidden: list[Tensor] = []  # on request, the input of every layer
         with recording_attentions(self.layers, output_attentions) as attentions:
             for i, layer in enumerate(self.layers):
@@ -250,19 +244,3 @@ class GPT(DecoderLM):
         )  # fmt: skip
 
     # --8<-- [end:forward]
-
-    def _positions(
-        self, position_ids: Tensor | None, attention_mask: Tensor | None, t: int, past: int
-    ) -> Tensor:
-        """The position embeddings of the T new tokens, (T, D) or (B, T, D).
-
-        Positions given by the caller are checked by ``pos_emb``. Those built here lie in
-        [0, past + T), already checked against ``max_seq_len``, so the table is read directly;
-        without padding they are past .. past + T - 1, a slice of it (decoding reads one row
-        per token without building an index).
-        """
-        if position_ids is not None:
-            return self.pos_emb(position_ids)  # (T, D) or (B, T, D)
-        if attention_mask is None:  # GPT's positions have no offset: row p is position p
-            return self.pos_emb.emb.weight[past : past + t]  # (T, D)
-        return self.pos_emb.emb(default_position_ids(attention_mask, t, past))  # (B, T, D)

@@ -6,11 +6,12 @@
 A model normally computes attention with a fused kernel that never materialises A. To look at A,
 each captured layer recomputes it from the very q and k (after rotary positions, with the same
 score bias and mask) that the fast kernel used: ``MultiHeadAttention.capture_weights``, the
-reference softmax of ``qkv.attention.core``. The model's output still comes from the fast path,
-unchanged. Because the fast path never shows its weights, the capture proves that what it shows
-is what ran: for every captured layer, the recomputed weights times the values must equal the
-output the fast kernel produced, within float tolerance (``check_weights``). Wrong weights (a
-forgotten mask, a missing bias, a head out of place) fail that check.
+reference softmax of ``qkv.attention.core``, switched on by ``qkv.attention.multihead.capturing``
+(which models' ``output_attentions`` uses too). The model's output still comes from the fast
+path, unchanged. Because the fast path never shows its weights, the capture proves that what it
+shows is what ran: for every captured layer, the recomputed weights times the values must equal
+the output the fast kernel produced, within float tolerance (``check_weights``). Wrong weights
+(a forgotten mask, a missing bias, a head out of place) fail that check.
 
 Which attention is which is read from the model's structure, never from its family's name:
 a layer that owns a ``cross_attn`` is a decoder layer, so its ``self_attn`` is the decoder's
@@ -25,8 +26,7 @@ Shape legend (the same in every file):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from qkv.attention.backends import repeat_kv
-from qkv.attention.multihead import MultiHeadAttention
+from qkv.attention.multihead import MultiHeadAttention, capturing
 
 if TYPE_CHECKING:
     from qkv.viz.explorer import ExplorerView
@@ -176,21 +176,6 @@ def _pick_layers(n: int, layers: Sequence[int] | None, kind: str) -> list[int]:
     return sorted({i % n for i in layers})
 
 
-@contextmanager
-def _capturing(modules: Sequence[MultiHeadAttention], with_values: bool) -> Iterator[None]:
-    """Switch on the weights (and values) capture of ``modules``; restore and free on exit."""
-    before = [(m.capture_weights, m.capture_values) for m in modules]
-    try:
-        for m in modules:
-            m.capture_weights, m.capture_values = True, with_values
-            m.last_weights = m.last_values = m.last_output = None
-        yield
-    finally:
-        for m, (weights_was, values_was) in zip(modules, before, strict=True):
-            m.capture_weights, m.capture_values = weights_was, values_was
-            m.last_weights = m.last_values = m.last_output = None
-
-
 # --8<-- [start:record]
 def record_attention(
     model: nn.Module,
@@ -226,27 +211,22 @@ def record_attention(
     chosen = {kind: _pick_layers(len(mods), layers, kind) for kind, mods in sites.items()}
     modules = [sites[kind][i] for kind, idx in chosen.items() for i in idx]
     was_training = model.training
-    max_error: float | None = 0.0 if check else None
-    weights: dict[Kind, Tensor] = {}
     try:
         model.eval()
-        with torch.no_grad(), _capturing(modules, with_values=check):
+        with torch.no_grad(), capturing(modules) as captured:
             output = model(*args, **kwargs)
-            for kind, idx in chosen.items():
-                per_layer = []
-                for i in idx:
-                    m = sites[kind][i]
-                    if m.last_weights is None:  # this attention did not run (no decoder input?)
-                        break
-                    if check:
-                        assert m.last_values is not None and m.last_output is not None
-                        error = check_weights(m.last_weights, m.last_values, m.last_output)
-                        max_error = max(error, max_error or 0.0)
-                    per_layer.append(m.last_weights.float().cpu())  # (B, H, T, S)
-                if len(per_layer) == len(idx):
-                    weights[kind] = torch.stack(per_layer, dim=1)  # (B, L, H, T, S)
     finally:
         model.train(was_training)
+    max_error: float | None = 0.0 if check else None
+    weights: dict[Kind, Tensor] = {}
+    remaining = iter(captured)  # in the order of ``modules``: kind by kind, layer by layer
+    for kind, idx in chosen.items():
+        ran = [c for c in (next(remaining) for _ in idx) if c is not None]
+        if check:
+            for c in ran:
+                max_error = max(check_weights(c.weights, c.values, c.output), max_error or 0.0)
+        if len(ran) == len(idx):  # else some did not run (an encoder-decoder without decoder input)
+            weights[kind] = torch.stack([c.weights.float().cpu() for c in ran], dim=1)
     recorded = {kind: tuple(idx) for kind, idx in chosen.items() if kind in weights}
     return Recording(weights=weights, layers=recorded, max_error=max_error, output=output)
 
@@ -454,33 +434,48 @@ def capture_attention(
         dec_real = _real(decoder_attention_mask, example, decoder_input_ids.shape[1])
         dec_tokens = _tokens(decoder_tokens, decoder_input_ids[example], dec_real)
     # Rows (queries) and columns (keys) of each kind: cross-attention reads the encoder.
-    axes = {
+    axes: dict[Kind, _Axes] = {
         "self": (src_real, src_tokens, src_real, src_tokens),
         "encoder": (src_real, src_tokens, src_real, src_tokens),
         "decoder": (dec_real, dec_tokens, dec_real, dec_tokens),
         "cross": (dec_real, dec_tokens, src_real, src_tokens),
     }
-    maps: dict[Kind, AttentionMaps] = {}
-    for kind, w in recording.weights.items():  # (B, L, H, T, S)
-        head_idx = _pick_heads(w.shape[2], heads)
-        rows, query_tokens, cols, key_tokens = axes[kind]
-        w = w[example][:, head_idx]  # (L, H', T, S)
-        w = w[:, :, rows][:, :, :, cols]  # (L, H', T_real, S_real)
-        view_kind: Literal["self", "cross", "image"] = "cross" if kind == "cross" else "self"
-        if pixel_values is not None:
-            view_kind = "image"
-        maps[kind] = AttentionMaps(
-            name=VIEW_NAMES["image" if view_kind == "image" else kind],
-            kind=view_kind,
-            weights=w.contiguous(),
-            query_tokens=list(query_tokens),
-            key_tokens=list(key_tokens),
-            layers=recording.layers[kind],
-            heads=tuple(head_idx),
-            image=picture if view_kind == "image" else None,
-            grid=grid if view_kind == "image" else None,
+    maps = {
+        kind: _example_maps(
+            kind, w, recording.layers[kind], axes[kind], example, heads, picture, grid
         )
+        for kind, w in recording.weights.items()
+    }
     return CapturedAttention(maps=maps, max_error=recording.max_error)
+
+
+# (query positions, query strings, key positions, key strings) of one kind of attention
+_Axes = tuple[Tensor, Sequence[str], Tensor, Sequence[str]]
+
+
+def _example_maps(
+    kind: Kind, weights: Tensor, layers: tuple[int, ...], axes: _Axes, example: int,
+    heads: Sequence[int] | None, picture: np.ndarray | None, grid: tuple[int, int] | None,
+) -> AttentionMaps:  # fmt: skip
+    """One kind's weights (B, L, H, T, S) cut to one example's chosen heads and real tokens."""
+    head_idx = _pick_heads(weights.shape[2], heads)
+    rows, query_tokens, cols, key_tokens = axes
+    w = weights[example][:, head_idx]  # (L, H', T, S)
+    w = w[:, :, rows][:, :, :, cols]  # (L, H', T_real, S_real)
+    view_kind: Literal["self", "cross", "image"] = "cross" if kind == "cross" else "self"
+    if picture is not None:
+        view_kind = "image"
+    return AttentionMaps(
+        name=VIEW_NAMES["image" if view_kind == "image" else kind],
+        kind=view_kind,
+        weights=w.contiguous(),
+        query_tokens=list(query_tokens),
+        key_tokens=list(key_tokens),
+        layers=layers,
+        heads=tuple(head_idx),
+        image=picture if view_kind == "image" else None,
+        grid=grid if view_kind == "image" else None,
+    )
 
 
 # --8<-- [end:capture]
