@@ -22,6 +22,7 @@ from qkv.blocks import (
     FeedForward,
     GatedFeedForward,
     LayerNorm,
+    LayerSpec,
     RMSNorm,
 )
 from qkv.interop import CheckpointError, from_pretrained, save_pretrained
@@ -60,6 +61,7 @@ __all__ = [
     "GatedFeedForward",
     "KVCache",
     "LayerNorm",
+    "LayerSpec",
     "LearnedPositionalEmbedding",
     "Llama",
     "ModelOutput",

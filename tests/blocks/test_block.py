@@ -13,7 +13,14 @@ import qkv.blocks.mlp
 import qkv.blocks.norms
 from qkv import masks
 from qkv.attention.kv_cache import KVCache
-from qkv.blocks import DecoderLayer, EncoderLayer, FeedForward, GatedFeedForward, RMSNorm
+from qkv.blocks import (
+    DecoderLayer,
+    EncoderLayer,
+    FeedForward,
+    GatedFeedForward,
+    LayerSpec,
+    RMSNorm,
+)
 from tests.conftest import ATOL
 
 D, H, F = 16, 4, 48  # model width, heads, feed-forward width
@@ -223,6 +230,115 @@ def test_cached_decoding_equals_full_forward(options: dict, cache_kind: str) -> 
     assert cross_cache.seq_len == (S if cross else 0)  # filled once, never appended to again
 
 
+# LayerSpec: the layer's configuration as typed data ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"d_model": 0}, "d_model must be a positive integer, got 0"),
+        ({"d_ff": -1}, "d_ff must be a positive integer"),
+        ({"n_kv_heads": 0}, "n_kv_heads must be a positive integer"),
+        ({"head_dim": 0}, "head_dim must be a positive integer"),
+        ({"d_model": 18}, "d_model=18 is not divisible by n_heads=4; .* give head_dim"),
+        ({"n_kv_heads": 3}, "n_heads=4 is not divisible by n_kv_heads=3"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+        ({"activation": "tanh"}, r"unknown activation 'tanh'; choose one of \['relu'"),
+        ({"norm": "batch"}, r"unknown norm 'batch'; choose one of \['layer', 'rms'\]"),
+        ({"norm_eps": -1e-6}, "norm_eps must be >= 0"),
+    ],
+)
+def test_layer_spec_rejects_bad_fields_saying_what_to_change(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LayerSpec(**{"d_model": D, "n_heads": H, "d_ff": F, **fields})
+
+
+def test_layer_spec_is_frozen_keyword_only_data() -> None:
+    spec = LayerSpec(d_model=D, n_heads=H, d_ff=F)
+    with pytest.raises(TypeError):
+        LayerSpec(D, H, F)  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        spec.d_model = 32  # type: ignore[misc]
+    assert spec.kv_heads == H  # None means one key/value head per query head
+    assert LayerSpec(d_model=D, n_heads=H, d_ff=F, n_kv_heads=2).kv_heads == 2
+    assert LayerSpec(d_model=18, n_heads=4, d_ff=F, head_dim=5).head_dim == 5  # D % H is fine then
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"dropout": 0.1, "norm_first": True, "activation": "gelu"},
+        {"n_kv_heads": 2, "gated": True, "norm": "rms", "bias": False, "activation": "silu"},
+        {"head_dim": 8, "attn_scale": 1.0, "norm_eps": 1e-6, "attn_impl": "reference"},
+    ],
+    ids=["defaults", "pre_norm_gelu", "llama_like", "t5_like"],
+)
+@pytest.mark.parametrize("kind", [EncoderLayer, DecoderLayer])
+def test_keyword_form_builds_the_same_spec_and_layer(kind: type[nn.Module], fields: dict) -> None:
+    spec = LayerSpec(d_model=D, n_heads=H, d_ff=F, **fields)
+    positional = kind(D, H, F, **fields)
+    keywords = kind(d_model=D, n_heads=H, d_ff=F, **fields)
+    mixed = kind(D, n_heads=H, d_ff=F, **fields)
+    from_spec = kind(spec)
+    assert positional.spec == keywords.spec == mixed.spec == from_spec.spec == spec
+    x, memory = torch.randn(1, 3, D), torch.randn(1, 2, D)
+    args = (x, memory) if kind is DecoderLayer else (x,)
+    expected = from_spec.eval()(*args)
+    for layer in (positional, keywords, mixed):
+        layer.load_state_dict(from_spec.state_dict())  # strict: same names, same shapes
+        torch.testing.assert_close(layer.eval()(*args), expected)
+
+
+def test_one_spec_serves_every_layer_and_both_kinds() -> None:
+    rotary = ToyRotary()
+    spec = LayerSpec(d_model=D, n_heads=H, d_ff=F, n_kv_heads=2, norm_first=True, rotary=rotary)
+    enc, dec = EncoderLayer(spec), DecoderLayer(spec, cross_attention=False)
+    assert enc.spec is spec and dec.spec is spec and enc.norm_first and dec.norm_first
+    assert enc.self_attn.rotary is rotary and dec.self_attn.rotary is rotary
+    assert enc.self_attn.n_kv_heads == dec.self_attn.n_kv_heads == 2
+    assert dec.cross_attn is None and dec.cross_norm is None
+    cross = DecoderLayer(spec)
+    assert cross.cross_attn is not None and cross.cross_attn.rotary is None  # positions: self only
+    assert spec == LayerSpec(
+        d_model=D, n_heads=H, d_ff=F, n_kv_heads=2, norm_first=True, rotary=rotary
+    )
+    assert spec != LayerSpec(
+        d_model=D, n_heads=H, d_ff=F, n_kv_heads=2, norm_first=True, rotary=ToyRotary()
+    )  # a different module: a different spec
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: EncoderLayer(D, H, F, normfirst=True), "unexpected keyword argument.* normfirst"),
+        (lambda: EncoderLayer(D, H, F, cross_attention=False), "cross_attention.*valid ones are"),
+        (lambda: DecoderLayer(D, H, F, nrom="rms"), "valid ones are d_model, .*, cross_attention"),
+        (lambda: EncoderLayer(D, H), "missing d_ff"),
+        (lambda: DecoderLayer(n_heads=H), "missing d_model, d_ff"),
+        (lambda: EncoderLayer(D, H, F, 2), "at most 3 positional sizes"),
+        (lambda: EncoderLayer(D, H, F, d_ff=F), "multiple values for d_ff"),
+        (lambda: EncoderLayer(LayerSpec(d_model=D, n_heads=H, d_ff=F), dropout=0.1), "replace"),
+        (lambda: DecoderLayer({"d_model": D}), "takes a LayerSpec or d_model first, got dict"),
+    ],
+    ids=[
+        "typo",
+        "decoder_only_keyword_on_encoder",
+        "typo_decoder",
+        "missing_one",
+        "missing_two",
+        "too_many_positional",
+        "twice",
+        "spec_and_keywords",
+        "not_a_spec",
+    ],
+)
+def test_layer_arguments_errors_name_the_valid_ones(build: object, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        build()  # type: ignore[operator]
+
+
 # Errors and smoke ---------------------------------------------------------------------------
 
 
@@ -261,3 +377,14 @@ def test_smoke_forward_backward(layer: nn.Module) -> None:
 def test_docstring_examples_run(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_layer_spec_rates_apart_and_checked() -> None:
+    spec = LayerSpec(d_model=16, n_heads=4, d_ff=32, dropout=0.1, attention_dropout=0.0,
+                     activation_dropout=0.25)  # fmt: skip
+    layer = EncoderLayer(spec)
+    assert layer.self_attn.dropout == 0.0 and layer.mlp.dropout.p == 0.25
+    same = EncoderLayer(LayerSpec(d_model=16, n_heads=4, d_ff=32, dropout=0.1))
+    assert same.self_attn.dropout == 0.1 and same.mlp.dropout.p == 0.1  # None: the one rate
+    with pytest.raises(ValueError, match=r"attention_dropout must be in \[0, 1\)"):
+        LayerSpec(d_model=16, n_heads=4, d_ff=32, attention_dropout=1.0)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import qkv.interop
+from qkv.attention.multihead import MultiHeadAttention
 from qkv.interop import CheckpointError
 from qkv.interop.hf_bart import config_from_hf, config_to_hf
 from qkv.models.bart import PRESETS, Bart, BartConfig
@@ -389,3 +390,16 @@ def test_token_ids_round_trip_through_the_hf_config(family: str) -> None:
     assert {k: getattr(config, k) for k in ids} == ids
     back = config_class(**config_to_hf(config))
     assert {k: getattr(back, k) for k in ids} == ids
+
+
+def test_the_three_dropout_rates_reach_their_places() -> None:
+    """BART sets the attention-weight and feed-forward rates apart from the residual one."""
+    config = dataclasses.replace(
+        PRESETS["tiny"], dropout=0.1, attention_dropout=0.2, activation_dropout=0.3
+    )
+    model = Bart(config)
+    layers = [*model.encoder, *model.decoder]
+    attentions = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    assert attentions and all(a.dropout == 0.2 for a in attentions)
+    assert all(layer.mlp.dropout.p == 0.3 for layer in layers)
+    assert all(layer.spec.dropout == 0.1 for layer in layers)  # the residual branches

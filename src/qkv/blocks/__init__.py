@@ -4,7 +4,7 @@ Read in this order: ``norms.py`` (LayerNorm, RMSNorm), ``mlp.py`` (the feed-forw
 plain and gated), ``block.py`` (encoder and decoder layers, post-norm and pre-norm).
 """
 
-from qkv.blocks.block import DecoderLayer, EncoderLayer, residual_sublayer
+from qkv.blocks.block import DecoderLayer, EncoderLayer, LayerSpec, residual_sublayer
 from qkv.blocks.mlp import (
     ACTIVATIONS,
     ActivationName,
@@ -29,6 +29,7 @@ __all__ = [
     "FeedForward",
     "GatedFeedForward",
     "LayerNorm",
+    "LayerSpec",
     "NormKind",
     "RMSNorm",
     "get_activation",

@@ -32,22 +32,28 @@ gradient reaches early layers through the identity path, and trains stably witho
 (Xiong et al. 2020); a pre-norm stack then needs one final norm after its last layer, which
 the model adds, not the layer.
 
+What a layer is made of (its sizes, norm kind and placement, activation, biases, positions) is
+one frozen ``LayerSpec``; a model builds it once from its config and passes it to every layer.
+
 Shape legend: B batch · T query positions · S key/value positions (the memory) · D model width ·
 H query heads · K key/value heads · F MLP hidden width.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, get_args
 
 from torch import Tensor, nn
 
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import MultiHeadAttention
-from qkv.blocks.mlp import ActivationName, FeedForward, GatedFeedForward
+from qkv.blocks.mlp import ACTIVATIONS, ActivationName, FeedForward, GatedFeedForward
 from qkv.blocks.norms import NormKind, make_norm
 
-__all__ = ["DecoderLayer", "EncoderLayer", "residual_sublayer"]
+__all__ = ["DecoderLayer", "EncoderLayer", "LayerSpec", "residual_sublayer"]
 
 
 # --8<-- [start:residual_sublayer]
@@ -79,12 +85,165 @@ def residual_sublayer(
 # --8<-- [end:residual_sublayer]
 
 
-def _make_mlp(
-    d_model: int, d_ff: int, activation: ActivationName, gated: bool, bias: bool, dropout: float
-) -> nn.Module:
-    if gated:
-        return GatedFeedForward(d_model, d_ff, activation=activation, bias=bias, dropout=dropout)
-    return FeedForward(d_model, d_ff, activation=activation, bias=bias, dropout=dropout)
+# --8<-- [start:layer_spec]
+@dataclass(frozen=True, kw_only=True)
+class LayerSpec:
+    """The sizes and switches of one Transformer layer, shared by ``EncoderLayer`` and
+    ``DecoderLayer``: a model builds one spec and hands it to every layer.
+
+    Attributes:
+        d_model: D.
+        n_heads: H, the number of query heads.
+        d_ff: F, the feed-forward hidden width.
+        n_kv_heads: K, key/value heads (grouped-query attention); None means H.
+        dropout: the rate on the residual branches, and on the attention weights and the
+            feed-forward hidden activations unless those have their own (one rate for all
+            three, as in ``torch.nn.TransformerEncoderLayer``).
+        attention_dropout: the rate on the attention weights; None means ``dropout``.
+        activation_dropout: the rate on the feed-forward hidden activations; None means
+            ``dropout`` (BART and Marian set these two apart).
+        activation: the feed-forward activation, see ``qkv.blocks.mlp.ACTIVATIONS``.
+        gated: use a gated feed-forward network (SwiGLU with ``activation="silu"``).
+        norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm).
+        norm_eps: the norms' epsilon.
+        bias: whether the linear layers and LayerNorms have biases.
+        norm_first: pre-norm if True, post-norm (the 2017 paper) if False.
+        head_dim: E, the width of each head; None means D / H (T5 sets it independently).
+        attn_scale: multiplies the attention scores; None means 1 / sqrt(E) (T5 uses 1.0).
+        rotary: optional rotary position module for the self-attention.
+        score_bias: optional positional score bias for the self-attention (ALiBi, T5).
+        attn_impl: the attention backend, see ``qkv.scaled_dot_product_attention``.
+
+    Example:
+        >>> spec = LayerSpec(d_model=16, n_heads=4, d_ff=64, norm_first=True)
+        >>> spec.kv_heads
+        4
+    """
+
+    d_model: int
+    n_heads: int
+    d_ff: int
+    n_kv_heads: int | None = None  # fewer than n_heads gives grouped-query attention
+    dropout: float = 0.0
+    attention_dropout: float | None = None
+    activation_dropout: float | None = None
+    activation: ActivationName = "relu"
+    gated: bool = False
+    norm: NormKind = "layer"
+    norm_eps: float = 1e-5
+    bias: bool = True
+    norm_first: bool = False
+    head_dim: int | None = None
+    attn_scale: float | None = None
+    rotary: nn.Module | None = None
+    score_bias: nn.Module | None = None
+    attn_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_heads", "d_ff", "n_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "change one of them or give head_dim explicitly"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                "each key/value head must serve the same number of query heads"
+            )
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            rate = getattr(self, name)
+            if rate is not None and not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; choose one of {list(ACTIVATIONS)}"
+            )
+        if self.norm not in get_args(NormKind):
+            raise ValueError(
+                f"unknown norm {self.norm!r}; choose one of {list(get_args(NormKind))}"
+            )
+        if self.norm_eps < 0:
+            raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps}")
+
+    @property
+    def kv_heads(self) -> int:
+        """K: ``n_kv_heads``, or H when it is None."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+
+# --8<-- [end:layer_spec]
+
+_SIZES = ("d_model", "n_heads", "d_ff")
+
+
+def _resolve_spec(
+    layer: str,
+    spec: LayerSpec | int | None,
+    sizes: tuple[int, ...],
+    fields: dict[str, Any],
+    extras: tuple[str, ...] = (),
+) -> LayerSpec:
+    """The layer's spec: ``spec`` itself, or one built from the older flat call.
+
+    ``EncoderLayer(d_model, n_heads, d_ff, **fields)``, or all of them as keywords, predates
+    ``LayerSpec`` and still works: it builds ``LayerSpec(d_model=..., ..., **fields)``.
+    """
+    if isinstance(spec, LayerSpec):
+        if sizes or fields:
+            given = [*map(str, sizes), *fields]
+            raise TypeError(
+                f"{layer}(spec) takes no other layer arguments, got {', '.join(given)}; "
+                "use dataclasses.replace(spec, ...) to change a field"
+            )
+        return spec
+    if spec is not None and not isinstance(spec, int):
+        raise TypeError(f"{layer}() takes a LayerSpec or d_model first, got {type(spec).__name__}")
+    positional = sizes if spec is None else (spec, *sizes)
+    if len(positional) > len(_SIZES):
+        raise TypeError(
+            f"{layer}() takes at most {len(_SIZES)} positional sizes ({', '.join(_SIZES)}), "
+            f"got {len(positional)}; pass the rest as keywords or build a LayerSpec"
+        )
+    named: dict[str, Any] = dict(zip(_SIZES, positional, strict=False))
+    if twice := sorted(named.keys() & fields.keys()):
+        raise TypeError(f"{layer}() got multiple values for {', '.join(twice)}")
+    valid = [f.name for f in dataclasses.fields(LayerSpec)]
+    if unknown := sorted(fields.keys() - set(valid)):
+        raise TypeError(
+            f"{layer}() got unexpected keyword argument(s) {', '.join(unknown)}; "
+            f"valid ones are {', '.join([*valid, *extras])}"
+        )
+    if missing := [name for name in _SIZES if name not in named and name not in fields]:
+        raise TypeError(
+            f"{layer}() missing {', '.join(missing)}: pass a LayerSpec, or d_model, n_heads "
+            "and d_ff"
+        )
+    return LayerSpec(**named, **fields)
+
+
+def _attention(spec: LayerSpec, *, positions: bool) -> MultiHeadAttention:
+    """Attention built from ``spec``; ``positions`` gives it the rotary and score-bias modules."""
+    return MultiHeadAttention(
+        spec.d_model, spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim,
+        bias=spec.bias, scale=spec.attn_scale,
+        dropout=spec.dropout if spec.attention_dropout is None else spec.attention_dropout,
+        rotary=spec.rotary if positions else None,
+        score_bias=spec.score_bias if positions else None, attn_impl=spec.attn_impl,
+    )  # fmt: skip
+
+
+def _mlp(spec: LayerSpec) -> nn.Module:
+    kind = GatedFeedForward if spec.gated else FeedForward
+    rate = spec.dropout if spec.activation_dropout is None else spec.activation_dropout
+    return kind(spec.d_model, spec.d_ff, activation=spec.activation, bias=spec.bias, dropout=rate)
+
+
+def _norm(spec: LayerSpec) -> nn.Module:
+    return make_norm(spec.norm, spec.d_model, eps=spec.norm_eps, bias=spec.bias)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -95,64 +254,31 @@ class EncoderLayer(nn.Module):
     """Self-attention then a feed-forward network, each in a residual branch with a norm.
 
     Args:
-        d_model: D.
-        n_heads: H, the number of query heads.
-        d_ff: F, the feed-forward hidden width.
-        n_kv_heads: K, key/value heads (grouped-query attention); defaults to H.
-        dropout: one rate for the attention weights, the feed-forward hidden activations and
-            the residual branches, as in ``torch.nn.TransformerEncoderLayer``.
-        activation: the feed-forward activation, see ``qkv.blocks.mlp.ACTIVATIONS``.
-        gated: use a gated feed-forward network (SwiGLU with ``activation="silu"``).
-        norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm).
-        norm_eps: the norms' epsilon.
-        bias: whether the linear layers and LayerNorms have biases.
-        norm_first: pre-norm if True, post-norm (the 2017 paper) if False.
-        head_dim: E, the width of each head; defaults to D / H (T5 sets it independently).
-        attn_scale: multiplies the attention scores; defaults to 1 / sqrt(E) (T5 uses 1.0).
-        rotary: optional rotary position module for the self-attention.
-        score_bias: optional positional score bias for the self-attention (ALiBi, T5).
-        attn_impl: the attention backend, see ``qkv.scaled_dot_product_attention``.
+        spec: the layer's sizes and switches, a ``LayerSpec``.
+        *sizes, **fields: the flat form, still accepted: ``EncoderLayer(d_model, n_heads,
+            d_ff, **fields)`` with ``LayerSpec``'s field names builds the spec from them.
 
     Example:
         >>> import torch
         >>> from qkv import masks
-        >>> layer = EncoderLayer(d_model=16, n_heads=4, d_ff=64)
+        >>> layer = EncoderLayer(LayerSpec(d_model=16, n_heads=4, d_ff=64))
         >>> x = torch.randn(2, 5, 16)
         >>> layer(x, mask=masks.padding([5, 3])).shape
         torch.Size([2, 5, 16])
+        >>> EncoderLayer(d_model=16, n_heads=4, d_ff=64).spec == layer.spec
+        True
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        d_ff: int,
-        *,
-        n_kv_heads: int | None = None,
-        dropout: float = 0.0,
-        activation: ActivationName = "relu",
-        gated: bool = False,
-        norm: NormKind = "layer",
-        norm_eps: float = 1e-5,
-        bias: bool = True,
-        norm_first: bool = False,
-        head_dim: int | None = None,
-        attn_scale: float | None = None,
-        rotary: nn.Module | None = None,
-        score_bias: nn.Module | None = None,
-        attn_impl: str = "auto",
-    ) -> None:
+    def __init__(self, spec: LayerSpec | int | None = None, *sizes: int, **fields: Any) -> None:
         super().__init__()
-        self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(
-            d_model, n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, bias=bias,
-            dropout=dropout, scale=attn_scale, rotary=rotary, score_bias=score_bias,
-            attn_impl=attn_impl,
-        )  # fmt: skip
-        self.mlp = _make_mlp(d_model, d_ff, activation, gated, bias, dropout)
-        self.attn_norm = make_norm(norm, d_model, eps=norm_eps, bias=bias)
-        self.mlp_norm = make_norm(norm, d_model, eps=norm_eps, bias=bias)
-        self.dropout = nn.Dropout(dropout)  # residual dropout
+        spec = _resolve_spec("EncoderLayer", spec, sizes, fields)
+        self.spec = spec
+        self.norm_first = spec.norm_first
+        self.self_attn = _attention(spec, positions=True)
+        self.mlp = _mlp(spec)
+        self.attn_norm = _norm(spec)
+        self.mlp_norm = _norm(spec)
+        self.dropout = nn.Dropout(spec.dropout)  # residual dropout
 
     # --8<-- [start:encoder_forward]
     def forward(
@@ -192,16 +318,16 @@ class DecoderLayer(nn.Module):
     """Causal self-attention, cross-attention to ``memory``, then a feed-forward network.
 
     Args:
-        d_model, n_heads, d_ff, n_kv_heads, dropout, activation, gated, norm, norm_eps, bias,
-            norm_first, head_dim, attn_scale, rotary, score_bias, attn_impl: as for
-            ``EncoderLayer``; ``rotary`` and ``score_bias`` apply to the self-attention only.
+        spec: the layer's sizes and switches, a ``LayerSpec``; its ``rotary`` and
+            ``score_bias`` apply to the self-attention only.
+        *sizes, **fields: the flat form, as for ``EncoderLayer``.
         cross_attention: whether the layer attends to an encoder's output (the 2017 decoder,
             T5); False gives the decoder-only layer of GPT and LLaMA, and ``cross_attn`` and
             ``cross_norm`` are None.
 
     Example:
         >>> import torch
-        >>> layer = DecoderLayer(d_model=16, n_heads=4, d_ff=64)
+        >>> layer = DecoderLayer(LayerSpec(d_model=16, n_heads=4, d_ff=64))
         >>> x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
         >>> layer(x, memory).shape
         torch.Size([2, 5, 16])
@@ -209,44 +335,25 @@ class DecoderLayer(nn.Module):
 
     def __init__(
         self,
-        d_model: int,
-        n_heads: int,
-        d_ff: int,
-        *,
-        n_kv_heads: int | None = None,
-        dropout: float = 0.0,
-        activation: ActivationName = "relu",
-        gated: bool = False,
-        norm: NormKind = "layer",
-        norm_eps: float = 1e-5,
-        bias: bool = True,
-        norm_first: bool = False,
+        spec: LayerSpec | int | None = None,
+        *sizes: int,
         cross_attention: bool = True,
-        head_dim: int | None = None,
-        attn_scale: float | None = None,
-        rotary: nn.Module | None = None,
-        score_bias: nn.Module | None = None,
-        attn_impl: str = "auto",
+        **fields: Any,
     ) -> None:
         super().__init__()
-        self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(
-            d_model, n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, bias=bias,
-            dropout=dropout, scale=attn_scale, rotary=rotary, score_bias=score_bias,
-            attn_impl=attn_impl,
-        )  # fmt: skip
-        self.attn_norm = make_norm(norm, d_model, eps=norm_eps, bias=bias)
+        spec = _resolve_spec("DecoderLayer", spec, sizes, fields, extras=("cross_attention",))
+        self.spec = spec
+        self.norm_first = spec.norm_first
+        self.self_attn = _attention(spec, positions=True)
+        self.attn_norm = _norm(spec)
         self.cross_attn: MultiHeadAttention | None = None
         self.cross_norm: nn.Module | None = None
         if cross_attention:
-            self.cross_attn = MultiHeadAttention(
-                d_model, n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, bias=bias,
-                dropout=dropout, scale=attn_scale, attn_impl=attn_impl,
-            )  # fmt: skip
-            self.cross_norm = make_norm(norm, d_model, eps=norm_eps, bias=bias)
-        self.mlp = _make_mlp(d_model, d_ff, activation, gated, bias, dropout)
-        self.mlp_norm = make_norm(norm, d_model, eps=norm_eps, bias=bias)
-        self.dropout = nn.Dropout(dropout)  # residual dropout
+            self.cross_attn = _attention(spec, positions=False)
+            self.cross_norm = _norm(spec)
+        self.mlp = _mlp(spec)
+        self.mlp_norm = _norm(spec)
+        self.dropout = nn.Dropout(spec.dropout)  # residual dropout
 
     # --8<-- [start:decoder_forward]
     def forward(

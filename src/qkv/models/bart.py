@@ -43,13 +43,18 @@ import torch
 from torch import Tensor, nn
 
 from qkv.attention import masks
-from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, EncoderLayer, FeedForward
+from qkv.blocks import (
+    ACTIVATIONS,
+    ActivationName,
+    DecoderLayer,
+    EncoderLayer,
+    LayerSpec,
+)
 from qkv.models.base import ModelOutput
 from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
 from qkv.models.common import (
     EncoderDecoderCaches,
     EncoderDecoderLM,
-    attention_modules,
     check_attention_mask,
     default_position_ids,
     past_length,
@@ -177,26 +182,15 @@ class Bart(EncoderDecoderLM):
         self.enc_emb_norm = nn.LayerNorm(c.d_model) if c.layernorm_embedding else nn.Identity()
         self.dec_emb_norm = nn.LayerNorm(c.d_model) if c.layernorm_embedding else nn.Identity()
         self.emb_dropout = nn.Dropout(c.dropout)
-        self.encoder = nn.ModuleList(
-            EncoderLayer(
-                c.d_model, c.n_heads, c.d_ff, dropout=c.dropout, activation=c.activation,
-                norm_first=False, attn_impl=c.attn_impl,
-            )
-            for _ in range(c.n_encoder_layers)
+        spec = LayerSpec(
+            d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
+            attention_dropout=c.attention_dropout, activation_dropout=c.activation_dropout,
+            activation=c.activation, norm_first=False, attn_impl=c.attn_impl,
         )  # fmt: skip
+        self.encoder = nn.ModuleList(EncoderLayer(spec) for _ in range(c.n_encoder_layers))
         self.decoder = nn.ModuleList(
-            DecoderLayer(
-                c.d_model, c.n_heads, c.d_ff, dropout=c.dropout, activation=c.activation,
-                norm_first=False, cross_attention=True, attn_impl=c.attn_impl,
-            )
-            for _ in range(c.n_decoder_layers)
-        )  # fmt: skip
-        # The layers take one dropout rate (c.dropout); BART and Marian set two more apart.
-        for attn in attention_modules(self):  # encoder and decoder, self and cross
-            attn.dropout = c.attention_dropout
-        for layer in [*self.encoder, *self.decoder]:
-            assert isinstance(layer.mlp, FeedForward)
-            layer.mlp.dropout.p = c.activation_dropout
+            DecoderLayer(spec, cross_attention=True) for _ in range(c.n_decoder_layers)
+        )
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied: one tensor, (V, D)
         self.register_buffer("final_logits_bias", torch.zeros(c.vocab_size))  # (V,)

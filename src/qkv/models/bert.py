@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from qkv.attention import masks
 from qkv.attention.multihead import recording_weights
-from qkv.blocks.block import EncoderLayer
+from qkv.blocks.block import EncoderLayer, LayerSpec
 from qkv.blocks.mlp import ActivationName, get_activation
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput, QkvModel
@@ -226,13 +226,11 @@ class Bert(QkvModel):
         self.type_emb = nn.Embedding(c.type_vocab_size, c.d_model)
         self.emb_norm = LayerNorm(c.d_model, eps=c.norm_eps)
         self.emb_dropout = nn.Dropout(c.dropout)
-        self.layers = nn.ModuleList(
-            EncoderLayer(
-                c.d_model, c.n_heads, c.d_ff, dropout=c.dropout, activation=c.activation,
-                norm_eps=c.norm_eps, norm_first=False, attn_impl=c.attn_impl,
-            )
-            for _ in range(c.n_layers)
+        spec = LayerSpec(
+            d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
+            activation=c.activation, norm_eps=c.norm_eps, norm_first=False, attn_impl=c.attn_impl,
         )  # fmt: skip
+        self.layers = nn.ModuleList(EncoderLayer(spec) for _ in range(c.n_layers))
         self.pooler = nn.Linear(c.d_model, c.d_model) if c.add_pooler else None
         self.head: MaskedLMHead | ClassificationHead | None = None
         if c.head == "mlm":

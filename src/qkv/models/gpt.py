@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
-from qkv.blocks.block import DecoderLayer
+from qkv.blocks.block import DecoderLayer, LayerSpec
 from qkv.blocks.mlp import ACTIVATIONS, ActivationName
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput
@@ -135,11 +135,11 @@ PRESETS: dict[str, GPTConfig] = {
 # --8<-- [end:config]
 
 
-def _decoder_layer(c: GPTConfig) -> DecoderLayer:
-    """One GPT-2 layer: pre-norm LayerNorms, causal self-attention, no cross-attention."""
-    return DecoderLayer(
-        c.d_model, c.n_heads, c.ff_width, dropout=c.dropout, activation=c.activation,
-        norm="layer", norm_eps=c.norm_eps, norm_first=True, cross_attention=False,
+def _layer_spec(c: GPTConfig) -> LayerSpec:
+    """Every GPT-2 layer: pre-norm LayerNorms, causal self-attention (no cross-attention)."""
+    return LayerSpec(
+        d_model=c.d_model, n_heads=c.n_heads, d_ff=c.ff_width, dropout=c.dropout,
+        activation=c.activation, norm="layer", norm_eps=c.norm_eps, norm_first=True,
         attn_impl=c.attn_impl,
     )  # fmt: skip
 
@@ -169,7 +169,10 @@ class GPT(DecoderLM):
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # weight (V, D)
         self.pos_emb = LearnedPositionalEmbedding(c.max_seq_len, c.d_model)  # (max_seq_len, D)
         self.dropout = nn.Dropout(c.dropout)
-        self.layers = nn.ModuleList(_decoder_layer(c) for _ in range(c.n_layers))
+        spec = _layer_spec(c)
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, cross_attention=False) for _ in range(c.n_layers)
+        )
         self.final_norm = LayerNorm(c.d_model, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)  # weight (V, D)
         if c.tie_embeddings:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
-from qkv.blocks.block import DecoderLayer
+from qkv.blocks.block import DecoderLayer, LayerSpec
 from qkv.blocks.norms import RMSNorm
 from qkv.models.base import ModelOutput
 from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
@@ -188,20 +188,20 @@ class Llama(DecoderLM):
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # no position embedding: RoPE
         # One rotary module, shared by every layer's attention (it holds no parameters).
         self.rotary = RotaryEmbedding(c.head_dim, base=c.rope_base, max_seq_len=c.max_seq_len)
-        self.layers = nn.ModuleList(self._layer(c) for _ in range(c.n_layers))
+        # Pre-norm RMSNorm layers: bias-free rotary GQA attention, then bias-free SwiGLU.
+        spec = LayerSpec(
+            d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, n_kv_heads=c.n_kv_heads,
+            dropout=c.dropout, activation="silu", gated=True, norm="rms", norm_eps=c.norm_eps,
+            bias=False, norm_first=True, rotary=self.rotary, attn_impl=c.attn_impl,
+        )  # fmt: skip
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, cross_attention=False) for _ in range(c.n_layers)
+        )
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one shared (V, D) parameter
         self.reset_parameters()
-
-    def _layer(self, c: LlamaConfig) -> DecoderLayer:
-        """A pre-norm RMSNorm layer: bias-free rotary GQA attention, then bias-free SwiGLU."""
-        return DecoderLayer(
-            c.d_model, c.n_heads, c.d_ff, n_kv_heads=c.n_kv_heads, dropout=c.dropout,
-            activation="silu", gated=True, norm="rms", norm_eps=c.norm_eps, bias=False,
-            norm_first=True, cross_attention=False, rotary=self.rotary, attn_impl=c.attn_impl,
-        )  # fmt: skip
 
     def reset_parameters(self) -> None:
         """LLaMA's initialisation (see the class docstring); it has no biases to zero."""

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
-from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, LayerNorm
+from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, LayerNorm, LayerSpec
 from qkv.models.base import ModelOutput
 from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
 from qkv.models.common import (
@@ -154,14 +154,13 @@ class PrefixLM(DecoderLM):
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # (V, D)
         self.pos_emb = LearnedPositionalEmbedding(c.max_seq_len, c.d_model)
         self.dropout = nn.Dropout(c.dropout)
-        self.layers = nn.ModuleList(
-            DecoderLayer(
-                c.d_model, c.n_heads, c.d_ff, dropout=c.dropout, activation=c.activation,
-                norm_eps=c.norm_eps, norm_first=True, cross_attention=False,
-                attn_impl=c.attn_impl,
-            )
-            for _ in range(c.n_layers)
+        spec = LayerSpec(
+            d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
+            activation=c.activation, norm_eps=c.norm_eps, norm_first=True, attn_impl=c.attn_impl,
         )  # fmt: skip
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, cross_attention=False) for _ in range(c.n_layers)
+        )
         self.final_norm = LayerNorm(c.d_model, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)  # (V, D)
         if c.tie_embeddings:

@@ -28,14 +28,14 @@ H heads · E head dim (d_kv) · F MLP hidden width · V vocabulary · L layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from qkv.attention.masks import padding
 from qkv.attention.multihead import MultiHeadAttention
-from qkv.blocks import DecoderLayer, EncoderLayer, RMSNorm
+from qkv.blocks import DecoderLayer, EncoderLayer, LayerSpec, RMSNorm
 from qkv.models.base import ModelOutput
 from qkv.models.checks import require_positive
 from qkv.models.common import (
@@ -162,15 +162,15 @@ class T5(EncoderDecoderLM):
             c.n_heads, bidirectional=False, num_buckets=nb, max_distance=far
         )
         gated = c.feed_forward == "gated-gelu"
-        layer: dict[str, Any] = dict(
+        spec = LayerSpec(
             d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
             activation="gelu_tanh" if gated else "relu", gated=gated, norm="rms",
             norm_eps=c.norm_eps, bias=False, norm_first=True, head_dim=c.d_kv, attn_scale=1.0,
             attn_impl=c.attn_impl,
         )  # fmt: skip
-        self.encoder_layers = nn.ModuleList(EncoderLayer(**layer) for _ in range(c.n_layers))
+        self.encoder_layers = nn.ModuleList(EncoderLayer(spec) for _ in range(c.n_layers))
         self.encoder_norm = RMSNorm(c.d_model, eps=c.norm_eps)
-        self.decoder_layers = nn.ModuleList(DecoderLayer(**layer) for _ in range(c.decoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(spec) for _ in range(c.decoder_layers))
         self.decoder_norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.dropout = nn.Dropout(c.dropout)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)

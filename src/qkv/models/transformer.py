@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from qkv.attention import masks
-from qkv.blocks import DecoderLayer, EncoderLayer
+from qkv.blocks import DecoderLayer, EncoderLayer, LayerSpec
 from qkv.models.base import ModelOutput
 from qkv.models.checks import require_divisible, require_positive, require_rate
 from qkv.models.common import (
@@ -114,14 +113,12 @@ PRESETS: dict[str, TransformerConfig] = {
 
 # --8<-- [end:config]
 
-Layer = TypeVar("Layer", EncoderLayer, DecoderLayer)
 
-
-def _layer(kind: type[Layer], c: TransformerConfig) -> Layer:
-    """One layer of the paper: post-norm (Add & Norm after each sublayer, Figure 1), ReLU."""
-    return kind(
-        c.d_model, c.n_heads, c.d_ff, dropout=c.dropout, activation="relu", norm_eps=c.norm_eps,
-        norm_first=False, attn_impl=c.attn_impl,
+def _layer_spec(c: TransformerConfig) -> LayerSpec:
+    """Every layer of the paper: post-norm (Add & Norm after each sublayer, Figure 1), ReLU."""
+    return LayerSpec(
+        d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout, activation="relu",
+        norm_eps=c.norm_eps, norm_first=False, attn_impl=c.attn_impl,
     )  # fmt: skip
 
 
@@ -159,8 +156,9 @@ class Transformer(EncoderDecoderLM):
             self.tgt_emb = nn.Embedding(c.tgt_vocab_size, c.d_model)  # (V, D)
         self.pos_enc = SinusoidalPositionalEncoding(c.d_model, c.max_seq_len)
         self.dropout = nn.Dropout(c.dropout)
-        self.encoder = nn.ModuleList(_layer(EncoderLayer, c) for _ in range(c.n_encoder_layers))
-        self.decoder = nn.ModuleList(_layer(DecoderLayer, c) for _ in range(c.n_decoder_layers))
+        spec = _layer_spec(c)
+        self.encoder = nn.ModuleList(EncoderLayer(spec) for _ in range(c.n_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(spec) for _ in range(c.n_decoder_layers))
         self.lm_head = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)  # (V, D)
         for name, p in self.named_parameters():
             if p.dim() > 1:

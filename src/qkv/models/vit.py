@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qkv.attention.multihead import recording_weights
-from qkv.blocks import ACTIVATIONS, ActivationName, EncoderLayer, LayerNorm
+from qkv.blocks import ACTIVATIONS, ActivationName, EncoderLayer, LayerNorm, LayerSpec
 from qkv.models.base import ModelOutput, QkvModel
 from qkv.models.checks import require_divisible, require_positive, require_rate
 from qkv.models.common import IGNORE_INDEX, attention_modules
@@ -144,13 +144,11 @@ class ViT(QkvModel):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model))  # (1, 1, D)
         self.pos_emb = LearnedPositionalEmbedding(1 + c.num_patches, c.d_model)
         self.dropout = nn.Dropout(c.dropout)
-        self.layers = nn.ModuleList(
-            EncoderLayer(
-                c.d_model, c.n_heads, c.d_ff, dropout=c.dropout, activation=c.activation,
-                norm_eps=c.norm_eps, norm_first=True, attn_impl=c.attn_impl,
-            )
-            for _ in range(c.n_layers)
+        spec = LayerSpec(
+            d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
+            activation=c.activation, norm_eps=c.norm_eps, norm_first=True, attn_impl=c.attn_impl,
         )  # fmt: skip
+        self.layers = nn.ModuleList(EncoderLayer(spec) for _ in range(c.n_layers))
         self.final_norm = LayerNorm(c.d_model, eps=c.norm_eps)
         self.head = nn.Linear(c.d_model, c.num_labels) if c.num_labels else None
         self.pooler = nn.Linear(c.d_model, c.d_model) if c.pooler else None
