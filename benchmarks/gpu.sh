@@ -17,9 +17,10 @@
 # and the script exits 1 if any step failed (a timeout is exit code 124 or 137).
 #
 # Budget, under 6 minutes in all (QKV_GPU_SH_BUDGET seconds, 345 by default, caps the sum; the
-# last steps get what is left): 20 s env + 60 s gpu tests, 180 s suite, then the benchmarks,
-# 30 s training.py, 2 x 20 s attention.py, and 20 s generation.py once it takes --device (today
-# it does not, and its row says "skipped").
+# last steps get what is left): 20 s env + 60 s gpu tests, 120 s suite, then the benchmarks:
+# 30 s training.py, 90 s against nanoGPT (when its model.py is at hand), 30 s training.py on
+# the GPU, 2 x 20 s attention.py, and 20 s generation.py once it takes --device (today it does
+# not, and its row says "skipped").
 #
 # Environment:
 #   QKV_GPU_SH_DEVICE   cuda (default) or cpu
@@ -56,7 +57,8 @@ export PYTHON DEVICE
 BUDGET=${QKV_GPU_SH_BUDGET:-345}
 KILL_AFTER=3 # seconds between timeout's TERM and its KILL
 if [[ $DEVICE == cuda ]]; then
-    T_ENV=20 T_GPU_TESTS=60 T_SUITE=180 T_TRAINING=30 T_GENERATION=20 T_ATTENTION=20
+    T_ENV=20 T_GPU_TESTS=60 T_SUITE=120 T_TRAINING=30 T_GENERATION=20 T_ATTENTION=20
+    T_NANOGPT=90 NANOGPT_ARGS=(--steps 5)
     XDIST=(-n 8)
     SUITE=(src/qkv tests)
     TRAINING_ARGS=(--steps 3)
@@ -64,6 +66,7 @@ if [[ $DEVICE == cuda ]]; then
     ATTENTION_ARGS=(--device cuda --repeat 10 --lengths 256,1024,4096)
 else # the CPU mode: the same steps, shortened, with the suite cut to a few folders
     T_ENV=30 T_GPU_TESTS=120 T_SUITE=120 T_TRAINING=30 T_GENERATION=20 T_ATTENTION=15
+    T_NANOGPT=150 NANOGPT_ARGS=(--steps 1)
     XDIST=(-n 2)
     SUITE=(src/qkv/attention tests/attention tests/positional tests/blocks)
     TRAINING_ARGS=(--steps 1 --batch 2 --seq-len 64)
@@ -197,10 +200,23 @@ run_step suite "$T_SUITE" suite.log \
     -p no:cacheprovider --junitxml="$LOGDIR/suite.xml" "${SUITE[@]}"
 
 # -- 4. benchmarks ----------------------------------------------------------------------------
-# training.py times CPU training against the CPU's own matmul rate (it has no device flag yet).
+# training.py: training steps against the device's own matmul rate (the CPU's, then the GPU's).
 run_step bench-training "$T_TRAINING" bench-training.log \
     "$PYTHON" benchmarks/training.py "${TRAINING_ARGS[@]}"
-# training-speed benchmark (issue: training speed vs nanoGPT) goes here
+# qkv against nanoGPT on the same batches (GPT-2 small, bf16, eager and compiled on a GPU).
+# nanoGPT's model.py is not part of qkv: NANOGPT_DIR, or .peers/nanogpt (git-ignored: copy
+# ../shared/peers/nanogpt there and carry it to the GPU machine), or ../shared/peers/nanogpt.
+NANOGPT=${NANOGPT_DIR:-}
+for candidate in "$ROOT/.peers/nanogpt" "$ROOT/../shared/peers/nanogpt"; do
+    [[ -z $NANOGPT && -f $candidate/model.py ]] && NANOGPT=$candidate
+done
+if [[ -n $NANOGPT && -f $NANOGPT/model.py ]]; then
+    run_step bench-nanogpt "$T_NANOGPT" bench-nanogpt.log \
+        "$PYTHON" benchmarks/training.py --against nanogpt --nanogpt-dir "$NANOGPT" \
+        --device "$DEVICE" "${NANOGPT_ARGS[@]}"
+else
+    skip_step bench-nanogpt bench-nanogpt.log "no nanoGPT model.py (set NANOGPT_DIR)"
+fi
 if has_flag benchmarks/training.py --device; then
     run_step bench-training-gpu "$T_TRAINING" bench-training-gpu.log \
         "$PYTHON" benchmarks/training.py --device "$DEVICE" "${TRAINING_ARGS[@]}"
