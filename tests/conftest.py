@@ -87,3 +87,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             reason = missing(module)
             if reason is not None:
                 skip_or_fail(reason)
+
+
+@pytest.fixture
+def fresh_probes() -> Iterator[None]:
+    """The oneDNN kernel is checked anew for each dtype in the test (which may fake it), and
+    again by whoever comes after it (``qkv._kernels``)."""
+    import qkv._kernels as kernels
+
+    kernels._onednn_probe.cache_clear()
+    try:
+        yield
+    finally:
+        kernels._onednn_probe.cache_clear()  # the next caller probes the real build again

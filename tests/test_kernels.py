@@ -10,7 +10,6 @@ import platform
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,16 +126,6 @@ ONEDNN_ERROR = (
     "primitive. Run workload with environment variable ONEDNN_VERBOSE=all to get additional "
     "diagnostic information."
 )  # what PyTorch's bfloat16 oneDNN linear raises on x86 CPUs with AVX2 and no AVX-512
-
-
-@pytest.fixture
-def fresh_probes() -> Iterator[None]:
-    """Each dtype is checked anew in the test, and again by whoever comes after it."""
-    kernels._onednn_probe.cache_clear()
-    try:
-        yield
-    finally:
-        kernels._onednn_probe.cache_clear()  # the next caller probes the real build again
 
 
 def _fake_onednn(broken: torch.dtype, failure: str) -> kernels.LinearKernel:

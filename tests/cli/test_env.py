@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,15 +26,6 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 def auto_precision() -> str:
     return str(autocast_dtype("auto", torch.device("cpu")) or torch.float32).removeprefix("torch.")
-
-
-@pytest.fixture
-def fresh_probes() -> Iterator[None]:
-    kernels._onednn_probe.cache_clear()
-    try:
-        yield
-    finally:
-        kernels._onednn_probe.cache_clear()  # the next caller probes the real build again
 
 
 def test_env_prints_versions_precision_and_a_kernel_per_dtype(
