@@ -139,8 +139,9 @@ def test_flat_step_is_taken_only_for_stock_models() -> None:
         assert flat_step(tiny(family)) is None
 
 
-@pytest.mark.parametrize("size", sorted(SIZES))
-def test_flat_step_in_bfloat16_is_as_accurate_as_the_module_step(size: str) -> None:
+def assert_bf16_flat_step_as_accurate(size: str, device: torch.device) -> None:
+    """In bfloat16 on ``device``, the flat step's error against float64 (the same rounded
+    weights, on the CPU) is at most HALF_FACTOR times the module path's."""
     model = _model(size)
     v = model.config.vocab_size
     prompt, tokens = torch.randint(0, v, (2, 5)), torch.randint(0, v, (2, 4))
@@ -148,12 +149,20 @@ def test_flat_step_in_bfloat16_is_as_accurate_as_the_module_step(size: str) -> N
     model = model.bfloat16()
     exact = _logits_per_step(
         _from(model, torch.float64), prompt, mask, tokens, flat=False, static_cache=False
-    )  # the same bfloat16-rounded weights, computed in float64
+    )  # the same bfloat16-rounded weights, computed in float64 on the CPU
+    model = model.to(device)
+    prompt, mask, tokens = prompt.to(device), mask.to(device), tokens.to(device)
     flat = _logits_per_step(model, prompt, mask, tokens, flat=True, static_cache=False)
     plain = _logits_per_step(model, prompt, mask, tokens, flat=False, static_cache=False)
-    flat_err = (flat.double() - exact).abs().max().item()
-    plain_err = (plain.double() - exact).abs().max().item()
+    assert flat.dtype == torch.bfloat16 and flat.device.type == device.type
+    flat_err = (flat.double().cpu() - exact).abs().max().item()
+    plain_err = (plain.double().cpu() - exact).abs().max().item()
     assert flat_err <= HALF_FACTOR * plain_err, (flat_err, plain_err)
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_flat_step_in_bfloat16_is_as_accurate_as_the_module_step(size: str) -> None:
+    assert_bf16_flat_step_as_accurate(size, torch.device("cpu"))
 
 
 def _from(model: GPT | llama.Llama, dtype: torch.dtype) -> GPT | llama.Llama:

@@ -13,8 +13,13 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import GPU_ATOL, HALF_FACTOR
-from tests.generate.test_flat import SIZES, _from, _logits_per_step, _model
+from tests.conftest import GPU_ATOL
+from tests.generate.test_flat import (
+    SIZES,
+    _logits_per_step,
+    _model,
+    assert_bf16_flat_step_as_accurate,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -52,22 +57,7 @@ def test_flat_step_equals_the_module_step_in_float32(
 def test_flat_step_in_bfloat16_is_as_accurate_as_the_module_step(
     size: str, gpu_device: torch.device
 ) -> None:
-    model = _model(size)
-    v = model.config.vocab_size
-    prompt, tokens = torch.randint(0, v, (2, 5)), torch.randint(0, v, (2, 4))
-    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
-    model = model.bfloat16()
-    exact = _logits_per_step(
-        _from(model, torch.float64), prompt, mask, tokens, flat=False, static_cache=False
-    )  # the same bfloat16-rounded weights, computed in float64 on the CPU
-    model = model.to(gpu_device)
-    prompt, mask, tokens = prompt.to(gpu_device), mask.to(gpu_device), tokens.to(gpu_device)
-    flat = _logits_per_step(model, prompt, mask, tokens, flat=True, static_cache=False)
-    plain = _logits_per_step(model, prompt, mask, tokens, flat=False, static_cache=False)
-    assert flat.dtype == torch.bfloat16 and flat.device.type == gpu_device.type
-    flat_err = (flat.double().cpu() - exact).abs().max().item()
-    plain_err = (plain.double().cpu() - exact).abs().max().item()
-    assert flat_err <= HALF_FACTOR * plain_err, (flat_err, plain_err)
+    assert_bf16_flat_step_as_accurate(size, gpu_device)
 
 
 @pytest.mark.parametrize("size", ["gpt-tiny", "llama-tiny", "mistral-tiny"])
