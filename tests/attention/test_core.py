@@ -361,3 +361,53 @@ def test_cuda_fused_kernels_follow_the_rules(dtype: torch.dtype, mask_kind: str)
     assert fast_err <= HALF_FACTOR * ref_err
     (g,) = torch.autograd.grad(fast.float().sum(), qc)
     assert not g.isnan().any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("extra", ["none", "padding", "bias"])
+@pytest.mark.parametrize(("t", "s"), [(6, 6), (3, 7), (1, 5)], ids=["square", "cached", "one"])
+def test_is_causal_equals_the_causal_mask(
+    impl: str, heads: str, extra: str, t: int, s: int
+) -> None:
+    """is_causal=True computes what mask=causal(T, S) (& mask) does, outputs and gradients."""
+    h, kv = HEADS[heads]
+    q, k, v = (x.requires_grad_() for x in make_qkv(2, h, kv, t, s, 8, torch.float32))
+    mask = masks.padding(torch.tensor([s, s - 1]), max_len=s) if extra == "padding" else None
+    bias = torch.randn(h, t, s) if extra == "bias" else None
+    grad = torch.randn(2, h, t, 8)
+    out = qkv.scaled_dot_product_attention(q, k, v, mask, bias=bias, is_causal=True, impl=impl)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    causal = masks.causal(t, s) if mask is None else mask & masks.causal(t, s)
+    expected_out = oracle(q.detach(), k.detach(), v.detach(), causal, bias)
+    ref = qkv.scaled_dot_product_attention(q, k, v, causal, bias=bias, impl="reference")
+    expected = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(
+        out.detach().double(), expected_out, atol=ATOL[torch.float32], rtol=0
+    )
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_is_causal_reaches_the_fused_kernel_without_a_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Square causal attention hands PyTorch is_causal=True and no mask tensor to build."""
+    calls: list[dict[str, object]] = []
+    real = backends.F.scaled_dot_product_attention
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(kwargs)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backends.F, "scaled_dot_product_attention", recording)
+    q, k, v = make_qkv(1, 4, 2, 5, 5, 8, torch.float32)
+    qkv.scaled_dot_product_attention(q, k, v, is_causal=True, impl="sdpa")
+    assert calls[-1]["is_causal"] is True and calls[-1].get("attn_mask") is None
+    q, k, v = make_qkv(1, 4, 2, 3, 5, 8, torch.float32)  # T != S: bottom-right, needs the mask
+    qkv.scaled_dot_product_attention(q, k, v, is_causal=True, impl="sdpa")
+    assert calls[-1].get("is_causal", False) is False and calls[-1]["attn_mask"] is not None
+
+
+def test_is_causal_with_more_queries_than_keys_is_a_clear_error() -> None:
+    q, k, v = make_qkv(1, 2, 2, 5, 3, 8, torch.float32)
+    with pytest.raises(ValueError, match="S >= T"):
+        qkv.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -170,7 +170,9 @@ def test_a_capture_that_forgets_the_mask_fails_the_check(monkeypatch: pytest.Mon
     exact = module._exact_weights
     # A broken capture: recompute the weights without the (causal) mask.
     monkeypatch.setattr(
-        module, "_exact_weights", lambda q, k, v, mask, bias: exact(q, k, v, None, bias)
+        module,
+        "_exact_weights",
+        lambda q, k, v, mask, bias, is_causal: exact(q, k, v, None, bias, False),
     )
     with pytest.raises(AttentionCheckError):
         record_attention(model, torch.randint(0, 128, (1, 6)))

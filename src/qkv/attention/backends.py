@@ -6,7 +6,9 @@ signature:
     backend(q, k, v, mask, *, bias, scale, dropout_p) -> (output, weights or None)
 
 with q (..., T, E), k (..., S, E), v (..., S, Ev), a boolean ``mask`` (True = may attend) and an
-additive ``bias``, both broadcastable to (..., T, S). The tests in ``tests/attention`` run every
+additive ``bias``, both broadcastable to (..., T, S). A backend registered with ``causal=True``
+also takes ``is_causal``: the causal mask is then left to it (so it can skip the work above the
+diagonal) instead of arriving inside ``mask``. The tests in ``tests/attention`` run every
 registered backend against the reference and against an independent NumPy implementation.
 
 Built in:
@@ -27,11 +29,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from qkv.attention import masks
+
 __all__ = [
     "AttentionBackend",
     "available_backends",
     "check_attention_inputs",
     "get_backend",
+    "handles_causal",
     "handles_grouped_kv",
     "register_backend",
     "repeat_kv",
@@ -85,10 +90,15 @@ def sdpa_attention(
     bias: Tensor | None,
     scale: float | None,
     dropout_p: float,
+    is_causal: bool = False,
 ) -> tuple[Tensor, None]:
     """PyTorch's fused attention, with qkv's mask semantics made explicit.
 
-    Must match ``reference_attention``. Two things are arranged around the kernel:
+    Must match ``reference_attention``. Three things are arranged around the kernel:
+    * causal attention with no other mask and T = S is the kernel's own ``is_causal``, which
+      never builds the mask and skips the blocks above the diagonal; otherwise the causal mask
+      (bottom-right aligned, as qkv's masks are; the kernel's ``is_causal`` is top-left aligned)
+      joins ``mask``;
     * a query row with no visible key attends to every key inside the kernel (so no kernel ever
       sees an all-masked row) and its output is then set to zero, which also zeroes its gradients;
     * when both a bias and a mask are given they become one float mask: the bias with -inf where
@@ -96,6 +106,15 @@ def sdpa_attention(
       overflow.
     """
     grouped = q.dim() >= 4 and q.shape[-3] != k.shape[-3]
+    t, s = q.shape[-2], k.shape[-2]
+    if is_causal and mask is None and bias is None and t == s:
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=grouped
+        )  # (..., T, Ev)
+        return out, None
+    if is_causal:
+        causal = masks.causal(t, s, device=q.device)  # (T, S)
+        mask = causal if mask is None else mask & causal  # (..., T, S)
     has_key = None
     attn_mask: Tensor | None = None
     if mask is not None:
@@ -128,22 +147,29 @@ def sdpa_attention(
 _BACKENDS: dict[str, AttentionBackend] = {"sdpa": sdpa_attention}
 # Backends that take k, v with fewer heads than q themselves; the others get them repeated.
 _GROUPED_KV: set[str] = {"sdpa"}
+# Backends that take ``is_causal`` and apply the causal mask themselves.
+_CAUSAL: set[str] = {"sdpa"}
 
 
-def register_backend(name: str, backend: AttentionBackend, *, grouped_kv: bool = False) -> None:
+def register_backend(
+    name: str, backend: AttentionBackend, *, grouped_kv: bool = False, causal: bool = False
+) -> None:
     """Add an attention implementation under ``name`` (it must match the reference's math).
 
     With ``grouped_kv=False`` the backend always receives as many key/value heads as query
     heads (grouped ones are repeated for it); with True it receives (B, K, S, E) and must
-    share each key/value head among H / K query heads itself.
+    share each key/value head among H / K query heads itself. With ``causal=False`` a causal
+    request arrives as part of ``mask``; with True the backend takes a keyword ``is_causal``
+    and applies the causal mask (bottom-right aligned) itself.
     """
     if name == "auto":
         raise ValueError("'auto' is reserved: it picks a backend, it is not one")
     _BACKENDS[name] = backend
-    if grouped_kv:
-        _GROUPED_KV.add(name)
-    else:
-        _GROUPED_KV.discard(name)
+    for flag, names in ((grouped_kv, _GROUPED_KV), (causal, _CAUSAL)):
+        if flag:
+            names.add(name)
+        else:
+            names.discard(name)
 
 
 def unregister_backend(name: str) -> None:
@@ -153,6 +179,12 @@ def unregister_backend(name: str) -> None:
     if _BACKENDS.pop(name, None) is None:
         raise ValueError(f"no backend named {name!r}; registered: {available_backends()}")
     _GROUPED_KV.discard(name)
+    _CAUSAL.discard(name)
+
+
+def handles_causal(name: str) -> bool:
+    """Whether the backend ``name`` takes ``is_causal`` and applies the causal mask itself."""
+    return name in _CAUSAL
 
 
 def handles_grouped_kv(name: str) -> bool:

@@ -33,9 +33,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from qkv.attention import masks
 from qkv.attention.backends import (
     check_attention_inputs,
     get_backend,
+    handles_causal,
     handles_grouped_kv,
     register_backend,
     repeat_kv,
@@ -120,6 +122,7 @@ def scaled_dot_product_attention(
     bias: Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    is_causal: bool = False,
     impl: str = "auto",
     return_weights: Literal[False] = False,
 ) -> Tensor: ...
@@ -135,6 +138,7 @@ def scaled_dot_product_attention(
     bias: Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    is_causal: bool = False,
     impl: str = "auto",
     return_weights: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
@@ -150,6 +154,7 @@ def scaled_dot_product_attention(
     bias: Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    is_causal: bool = False,
     impl: str = "auto",
     return_weights: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -168,6 +173,9 @@ def scaled_dot_product_attention(
         bias: additive float scores, broadcastable to (..., T, S).
         scale: multiplies the scores; defaults to 1 / sqrt(E).
         dropout_p: dropout on the attention weights; pass 0.0 at inference.
+        is_causal: also apply the causal mask ``masks.causal(T, S)`` (bottom-right aligned: the
+            T queries are the last T of the S positions), joined with ``mask``. Backends that
+            know causality skip the work it forbids; the others get it inside ``mask``.
         impl: ``"reference"`` (the step-by-step math, the only path that returns weights),
             ``"sdpa"`` (PyTorch's fused kernel), any other registered backend, or ``"auto"``:
             the fast path unless weights are requested.
@@ -196,11 +204,17 @@ def scaled_dot_product_attention(
             "use impl='reference' (or 'auto') with return_weights=True"
         )
     backend = get_backend(impl)
+    causal = {}  # (the keyword is passed only to backends that take it)
+    if is_causal and handles_causal(impl):
+        causal = {"is_causal": True}
+    elif is_causal:
+        causal_mask = masks.causal(q.shape[-2], k.shape[-2], device=q.device)  # (T, S)
+        mask = causal_mask if mask is None else mask & causal_mask  # (..., T, S)
     n_rep = q.shape[-3] // k.shape[-3] if q.dim() >= 4 else 1
     if n_rep > 1 and not handles_grouped_kv(impl):
         # Grouped-query attention, written plainly: copy each key/value head to its queries.
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, E)
-    out, weights = backend(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p)
+    out, weights = backend(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p, **causal)
     if return_weights:
         assert weights is not None  # the reference backend always returns them
         return out, weights

@@ -33,10 +33,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from qkv.attention.backends import repeat_kv
-from qkv.attention.core import reference_attention, scaled_dot_product_attention
+from qkv.attention.core import scaled_dot_product_attention
 from qkv.attention.kv_cache import KVCache
-from qkv.attention.masks import causal as causal_mask
 
 __all__ = [
     "AttentionCapture",
@@ -240,15 +238,14 @@ class MultiHeadAttention(nn.Module):
         if self.score_bias is not None:
             extra = self.score_bias(q, s)  # broadcasts to (B, H, T, S)
             bias = extra if bias is None else bias + extra
-        if causal and t > 1:  # (one new query, bottom-right aligned, sees every key: no mask)
-            cm = causal_mask(t, s, device=x.device)  # (T, S)
-            mask = cm if mask is None else mask & cm
+        is_causal = causal and t > 1  # (one new query, bottom-right aligned, sees every key)
         dropout_p = self.dropout if self.training else 0.0
         out = scaled_dot_product_attention(
-            q, k, v, mask, bias=bias, scale=self.scale, dropout_p=dropout_p, impl=self.attn_impl
-        )  # (B, H, T, E)
+            q, k, v, mask, bias=bias, scale=self.scale, dropout_p=dropout_p, is_causal=is_causal,
+            impl=self.attn_impl,
+        )  # (B, H, T, E)  # fmt: skip
         if self.capture_weights:  # the exact weights, with the v and output that prove them
-            weights = self._exact_weights(q, k, v, mask, bias)  # (B, H, T, S)
+            weights = self._exact_weights(q, k, v, mask, bias, is_causal)  # (B, H, T, S)
             self.last_capture = AttentionCapture(weights.detach(), v.detach(), out.detach())
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H * E)
         return self.out_proj(out)  # (B, T, D)
@@ -257,13 +254,19 @@ class MultiHeadAttention(nn.Module):
 
     # --8<-- [start:exact_weights]
     def _exact_weights(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        bias: Tensor | None,
+        is_causal: bool,
     ) -> Tensor:
         """softmax(q k^T * scale + bias, masked) from the very q and k the fast path used."""
-        n_rep = self.n_heads // self.n_kv_heads
-        _, weights = reference_attention(
-            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, bias=bias, scale=self.scale
-        )
+        _, weights = scaled_dot_product_attention(
+            q, k, v, mask, bias=bias, scale=self.scale, is_causal=is_causal, impl="reference",
+            return_weights=True,
+        )  # fmt: skip
         return weights  # (B, H, T, S)
 
     # --8<-- [end:exact_weights]
