@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from qkv.models.bert import PRESETS as BERT
 from qkv.models.bert import Bert
@@ -17,6 +19,7 @@ from qkv.train import config_from_dict, train
 from qkv.train.config import OptimConfig
 from qkv.train.metrics import read_metrics
 from qkv.train.optim import build_optimizer, param_groups
+from tests.conftest import ATOL
 
 from .helpers import TINY_GPT, with_overrides
 
@@ -111,3 +114,24 @@ def test_a_run_with_activation_checkpointing_trains_and_saves_the_same(
         assert list(a) == list(b), file
         for name in a:
             torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_the_fused_update_is_adamw_to_rounding() -> None:
+    """On the CPU the optimizer is PyTorch's fused AdamW, and it steps as the plain one does."""
+    model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 8), nn.LayerNorm(8))
+    twin = copy.deepcopy(model)
+    config = OptimConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, config)
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.AdamW(
+        param_groups(twin, config.weight_decay), lr=config.lr,
+        betas=(config.beta1, config.beta2), eps=config.eps, foreach=False,
+    )  # fmt: skip
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for m, opt in ((model, fused), (twin, plain)):
+            for p, g in zip(m.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=ATOL[torch.float32], rtol=1e-6)
