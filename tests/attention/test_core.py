@@ -411,3 +411,14 @@ def test_is_causal_with_more_queries_than_keys_is_a_clear_error() -> None:
     q, k, v = make_qkv(1, 2, 2, 5, 3, 8, torch.float32)
     with pytest.raises(ValueError, match="S >= T"):
         qkv.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_a_backend_this_installation_lacks_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(backends._UNAVAILABLE, "test-missing", "needs the extra: pip install x")
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="pip install x"):
+        qkv.scaled_dot_product_attention(q, q, q, impl="test-missing")
+    with pytest.raises(ValueError, match="unknown attention impl 'nope'"):
+        qkv.scaled_dot_product_attention(q, q, q, impl="nope")

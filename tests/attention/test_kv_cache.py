@@ -1,10 +1,11 @@
-"""The dynamic KV cache's in-place growth against plain concatenation."""
+"""The dynamic KV cache's in-place growth against plain concatenation, and its size per token."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from qkv.attention.kv_cache import KVCache
+from qkv.attention.kv_cache import KVCache, kv_cache_bytes_per_token
 
 
 def test_dynamic_cache_in_place_growth_equals_concatenation() -> None:
@@ -34,3 +35,44 @@ def test_dynamic_cache_never_writes_into_the_callers_tensors() -> None:
     cache.crop(2)
     cache.update(torch.randn(1, 2, 1, 3), torch.randn(1, 2, 1, 3))  # must not land in k0
     torch.testing.assert_close(k0, saved, atol=0, rtol=0)
+
+
+# (L, H, K, E): multi-head (K = H), grouped-query (K = H / 4) and multi-query (K = 1) attention.
+KV_CONFIGS = {"mha": (3, 8, 8, 16), "gqa": (3, 8, 2, 16), "mqa": (3, 8, 1, 16)}
+
+
+def filled_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, dtype, tokens: int) -> int:
+    """Bytes of the keys and values held by one KVCache per layer, after a prompt of 5 tokens
+    and one token at a time up to ``tokens``, batch 1."""
+    total = 0
+    for _ in range(n_layers):
+        cache = KVCache()
+        cache.update(*(torch.randn(1, n_kv_heads, 5, head_dim).to(dtype) for _ in range(2)))
+        while cache.seq_len < tokens:
+            cache.update(*(torch.randn(1, n_kv_heads, 1, head_dim).to(dtype) for _ in range(2)))
+        assert cache.keys is not None and cache.values is not None
+        total += sum(x.numel() * x.element_size() for x in (cache.keys, cache.values))
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", KV_CONFIGS.values(), ids=KV_CONFIGS.keys())
+def test_kv_cache_bytes_per_token_is_what_a_filled_cache_holds(config, dtype) -> None:
+    n_layers, _, n_kv_heads, head_dim = config
+    tokens = 12
+    measured = filled_cache_bytes(n_layers, n_kv_heads, head_dim, dtype, tokens)
+    assert kv_cache_bytes_per_token(n_layers, n_kv_heads, head_dim, dtype) * tokens == measured
+
+
+def test_kv_cache_shrinks_by_query_heads_per_kv_head() -> None:
+    per_token = {
+        name: kv_cache_bytes_per_token(n_layers, n_kv_heads, head_dim, torch.float16)
+        for name, (n_layers, _, n_kv_heads, head_dim) in KV_CONFIGS.items()
+    }
+    assert per_token["mha"] == 4 * per_token["gqa"] == 8 * per_token["mqa"]
+    assert per_token["mqa"] == 2 * 3 * 1 * 16 * 2  # 2 (k and v) x L x K x E x 2 bytes
+
+
+def test_kv_cache_bytes_per_token_rejects_empty_sizes() -> None:
+    with pytest.raises(ValueError, match="n_kv_heads must be at least 1"):
+        kv_cache_bytes_per_token(2, 0, 64)

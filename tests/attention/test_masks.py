@@ -88,3 +88,132 @@ def test_masks_combine_with_and_or() -> None:
     either = masks.causal(3) | masks.sliding_window(3, 1, causal=False)
     assert torch.equal(either, masks.causal(3))
     assert combined.dtype == torch.bool
+
+
+# -- Longformer and BigBird: each checked against a definition written out with plain loops -----
+def longformer_by_loops(t: int, window: int, global_tokens: list[int]) -> torch.Tensor:
+    """Beltagy et al. 2020: window // 2 keys on each side, global tokens see and are seen by all."""
+    rows = []
+    for i in range(t):
+        rows.append(
+            [
+                abs(i - j) <= window // 2 or i in global_tokens or j in global_tokens
+                for j in range(t)
+            ]
+        )
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize(
+    ("t", "window", "global_tokens"),
+    [(6, 2, [0]), (9, 4, []), (9, 4, [8, 2]), (7, 6, [3]), (5, 2, [0, 1, 2, 3, 4])],
+)
+def test_longformer_matches_loops(t, window, global_tokens) -> None:
+    got = masks.longformer(t, window, global_tokens)
+    assert got.dtype == torch.bool and got.shape == (t, t)
+    assert torch.equal(got, longformer_by_loops(t, window, global_tokens))
+    assert torch.equal(got, got.T)  # window and global attention are both symmetric
+    for g in global_tokens:
+        assert got[g].all() and got[:, g].all()  # a global token's row and column
+
+
+def test_longformer_window_counts_half_a_side() -> None:
+    mask = masks.longformer(20, 6, [])
+    assert mask[10].sum() == 7  # 3 keys before, the query itself, 3 keys after
+    assert torch.equal(mask[10].nonzero().flatten(), torch.arange(7, 14))
+    assert torch.equal(masks.longformer(6, 2, torch.tensor([0])), masks.longformer(6, 2, [0]))
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((8, 0, []), "positive even"),
+        ((8, -2, []), "positive even"),
+        ((8, 3, []), "positive even.*use 4"),
+        ((8, 10, []), "larger than the sequence"),
+        ((8, 2, [8]), r"outside the sequence.*\[0, 8\)"),
+        ((8, 2, [-1]), "outside the sequence"),
+        ((8, 2, [1, 3, 1]), r"repeats \[1\]"),
+    ],
+)
+def test_longformer_errors(args, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        masks.longformer(*args)
+
+
+def bigbird_fixed_by_loops(
+    t: int, block: int, window_blocks: int, global_blocks: int
+) -> torch.Tensor:
+    """BigBird without its random blocks: (window_blocks - 1) // 2 blocks a side, global blocks."""
+    rows = []
+    for i in range(t):
+        bi = i // block
+        rows.append(
+            [
+                abs(bi - j // block) <= (window_blocks - 1) // 2
+                or bi < global_blocks
+                or j // block < global_blocks
+                for j in range(t)
+            ]
+        )
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize(
+    ("t", "block", "window_blocks", "global_blocks", "random_blocks"),
+    [(12, 2, 3, 1, 0), (12, 2, 3, 1, 2), (64, 4, 3, 2, 3), (30, 4, 1, 0, 2), (10, 4, 3, 0, 0)],
+)
+def test_bigbird_matches_loops(t, block, window_blocks, global_blocks, random_blocks) -> None:
+    got = masks.bigbird(t, block, window_blocks, global_blocks, random_blocks, seed=7)
+    fixed = bigbird_fixed_by_loops(t, block, window_blocks, global_blocks)
+    assert got.dtype == torch.bool and got.shape == (t, t)
+    assert torch.equal(got & fixed, fixed)  # window and global blocks are all there
+    n = -(-t // block)
+    for i in range(t):
+        # Whole blocks only: a query sees all or none of a key block, like the others of its block.
+        row = got[i]
+        assert torch.equal(row, got[(i // block) * block])
+        starts = row[::block]
+        assert torch.equal(row, starts.repeat_interleave(block)[:t])
+        extra = int(starts.sum()) - int(fixed[i][::block].sum())
+        # Global query blocks see everything anyway; the others draw exactly random_blocks more.
+        assert extra == (0 if i // block < global_blocks else random_blocks)
+    if random_blocks == 0:
+        assert torch.equal(got, fixed)
+        assert torch.equal(got, got.T)
+    assert n * block >= t
+
+
+def test_bigbird_seed_is_deterministic() -> None:
+    a = masks.bigbird(128, 4, 3, 1, 2, seed=3)
+    assert torch.equal(a, masks.bigbird(128, 4, 3, 1, 2, seed=3))
+    assert not torch.equal(a, masks.bigbird(128, 4, 3, 1, 2, seed=4))
+    assert not torch.equal(a, a.T)  # random blocks are not symmetric
+
+
+def test_bigbird_partial_last_block_is_the_padded_mask_cropped() -> None:
+    assert torch.equal(
+        masks.bigbird(10, 4, 3, 1, 0, seed=0), masks.bigbird(12, 4, 3, 1, 0, seed=0)[:10, :10]
+    )
+    assert torch.equal(
+        masks.bigbird(10, 4, 1, 0, 1, seed=5), masks.bigbird(12, 4, 1, 0, 1, seed=5)[:10, :10]
+    )
+    blocks = masks.bigbird_blocks(10, 4, 3, 1, 0, seed=0)
+    assert blocks.shape == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((8, 0, 1, 0, 0, 0), "block must be at least 1"),
+        ((8, 2, 2, 0, 0, 0), "window_blocks must be odd"),
+        ((8, 2, 5, 0, 0, 0), "at most the 4 blocks"),
+        ((8, 2, 0, 0, 0, 0), "window_blocks must be odd"),
+        ((8, 2, 1, 5, 0, 0), "global_blocks must be between 0 and the 4 blocks"),
+        ((8, 2, 1, 0, -1, 0), "random_blocks must be at least 0"),
+        ((8, 2, 3, 1, 2, 0), "random_blocks=2 is more than query block .* can draw from"),
+    ],
+)
+def test_bigbird_errors(args, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        masks.bigbird(*args)

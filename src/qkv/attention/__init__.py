@@ -1,6 +1,10 @@
-"""Attention: the reference math (core.py, start here), masks, multi-head attention, backends."""
+"""Attention: the reference math (core.py, start here), masks, multi-head attention, backends.
 
-from qkv.attention import masks, numpy_ref
+The efficient variants (tiled, sparse, linear, ...) live in ``variants/`` and register themselves
+as backends when this package is imported.
+"""
+
+from qkv.attention import masks, numpy_ref, variants
 from qkv.attention.backends import (
     available_backends,
     register_backend,
@@ -23,4 +27,5 @@ __all__ = [
     "repeat_kv",
     "scaled_dot_product_attention",
     "unregister_backend",
+    "variants",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "handles_causal",
     "handles_grouped_kv",
     "register_backend",
+    "register_unavailable",
     "repeat_kv",
     "sdpa_attention",
     "unregister_backend",
@@ -149,6 +150,8 @@ _BACKENDS: dict[str, AttentionBackend] = {"sdpa": sdpa_attention}
 _GROUPED_KV: set[str] = {"sdpa"}
 # Backends that take ``is_causal`` and apply the causal mask themselves.
 _CAUSAL: set[str] = {"sdpa"}
+# Backends known to qkv that this installation lacks, with what to do about it.
+_UNAVAILABLE: dict[str, str] = {}
 
 
 def register_backend(
@@ -197,11 +200,18 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def register_unavailable(name: str, reason: str) -> None:
+    """Name a backend that this installation cannot offer; asking for it raises ``reason``."""
+    _UNAVAILABLE[name] = reason
+
+
 def get_backend(name: str) -> AttentionBackend:
     """The backend registered under ``name``; a clear error for an unknown one."""
     try:
         return _BACKENDS[name]
     except KeyError:
+        if name in _UNAVAILABLE:
+            raise ValueError(_UNAVAILABLE[name]) from None
         raise ValueError(
             f"unknown attention impl {name!r}; choose one of {['auto', *available_backends()]}"
         ) from None

@@ -150,3 +150,34 @@ class KVCache:
         self.cross = False
         if not self._static:
             self._k = self._v = None
+
+
+def kv_cache_bytes_per_token(
+    n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float16
+) -> int:
+    """Bytes the KV cache keeps for each token of context: 2 x L x K x E x bytes per number.
+
+    Every layer (L) keeps a key and a value (2) for each key/value head (K), each E numbers of
+    ``dtype``. Multi-head attention has K = H; grouped-query attention shares each key/value head
+    among H / K query heads and multi-query attention has K = 1, so both shrink the cache by H / K
+    at the same L and E. A batch of B sequences of S tokens holds B x S times this many bytes.
+
+    Args:
+        n_layers: L, attention layers with a cache.
+        n_kv_heads: K, key/value heads per layer.
+        head_dim: E, the size of one key (and of one value).
+        dtype: the cache's dtype.
+
+    Returns:
+        Bytes per token (per sequence of the batch).
+
+    Example:
+        >>> kv_cache_bytes_per_token(32, 32, 128, torch.float16)  # LLaMA-2-7B: MHA, 0.5 MiB
+        524288
+        >>> kv_cache_bytes_per_token(32, 8, 128, torch.bfloat16)  # Llama-3-8B: GQA, K = 8
+        131072
+    """
+    for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    return 2 * n_layers * n_kv_heads * head_dim * dtype.itemsize
