@@ -32,9 +32,11 @@ from qkv.models import (
     Bart,
     Bert,
     Llama,
+    Mixtral,
     ModelOutput,
     PrefixLM,
     Transformer,
+    TransformerXL,
     ViT,
 )
 from qkv.positional import (
@@ -64,6 +66,7 @@ __all__ = [
     "LayerSpec",
     "LearnedPositionalEmbedding",
     "Llama",
+    "Mixtral",
     "ModelOutput",
     "MultiHeadAttention",
     "PrefixLM",
@@ -74,6 +77,7 @@ __all__ = [
     "SinusoidalPositionalEncoding",
     "T5RelativeBias",
     "Transformer",
+    "TransformerXL",
     "ViT",
     "__version__",
     "available_backends",

@@ -12,6 +12,7 @@ from qkv.blocks.mlp import (
     GatedFeedForward,
     get_activation,
 )
+from qkv.blocks.moe import MixtureOfExperts, MoEOutput, MoEStats
 from qkv.blocks.norms import (
     LayerNorm,
     NormKind,
@@ -30,6 +31,9 @@ __all__ = [
     "GatedFeedForward",
     "LayerNorm",
     "LayerSpec",
+    "MixtureOfExperts",
+    "MoEOutput",
+    "MoEStats",
     "NormKind",
     "RMSNorm",
     "get_activation",

@@ -9,9 +9,11 @@ from qkv.models.base import FAMILIES, ModelOutput, QkvModel
 from qkv.models.bert import Bert, BertConfig
 from qkv.models.gpt import GPT, GPTConfig
 from qkv.models.llama import Llama, LlamaConfig
+from qkv.models.mixtral import Mixtral, MixtralConfig
 from qkv.models.prefix_lm import PrefixLM, PrefixLMConfig
 from qkv.models.t5 import T5, T5Config
 from qkv.models.transformer import Transformer, TransformerConfig
+from qkv.models.transformer_xl import TransformerXL, TransformerXLConfig
 from qkv.models.vit import ViT, ViTConfig
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "GPTConfig",
     "Llama",
     "LlamaConfig",
+    "Mixtral",
+    "MixtralConfig",
     "ModelOutput",
     "PrefixLM",
     "PrefixLMConfig",
@@ -32,6 +36,8 @@ __all__ = [
     "T5Config",
     "Transformer",
     "TransformerConfig",
+    "TransformerXL",
+    "TransformerXLConfig",
     "ViT",
     "ViTConfig",
 ]
