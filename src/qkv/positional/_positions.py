@@ -20,8 +20,10 @@ def check_position_ids(
 
     Args:
         position_ids: the positions to check, (T,) or (B, T).
-        limit: when given, every position must lie in [0, limit); this reads the values, which
-            waits for the device.
+        limit: when given, every position must lie in [0, limit). On the CPU the values are
+            read and a ValueError names the bad one; on a GPU and inside ``torch.compile`` the
+            device checks them without making the host wait, and the step fails with a
+            RuntimeError naming the range.
         name: the argument that sets ``limit``, quoted in the error message.
     """
     if position_ids.dtype not in _INTEGER_DTYPES:
@@ -33,6 +35,14 @@ def check_position_ids(
             f"position_ids must be (T,) or (B, T), got shape {tuple(position_ids.shape)}"
         )
     if limit is None or position_ids.numel() == 0:
+        return
+    if position_ids.device.type != "cpu" or torch.compiler.is_compiling():
+        # Reading the values would make the GPU wait (and break a compiled graph): the device
+        # checks them itself, failing the step with this message if one is out of range.
+        torch._assert_async(
+            ((position_ids >= 0) & (position_ids < limit)).all(),
+            f"position_ids out of range: every position must lie in [0, {name}={limit})",
+        )
         return
     lo, hi = (int(v) for v in torch.aminmax(position_ids))
     if lo < 0:
