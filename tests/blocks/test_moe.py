@@ -211,3 +211,16 @@ def test_bad_arguments_are_clear_errors(kwargs: dict, message: str) -> None:
 def test_docstring_examples() -> None:
     results = doctest.testmod(qkv.blocks.moe, raise_on_error=False)
     assert results.failed == 0 and results.attempted > 0
+
+
+@pytest.mark.parametrize("impl", ["loop", "sorted"])
+def test_under_bfloat16_autocast_the_sum_stays_in_the_stream_dtype(impl: str) -> None:
+    """Under autocast the experts return bfloat16; both paths sum them into float32 tokens."""
+    loop, fast = _pair(top_k=2)
+    module = loop if impl == "loop" else fast
+    x = torch.randn(2, 6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.float32
+    exact = module(x)
+    assert (out - exact).abs().max() < 0.05 * exact.abs().max()  # bfloat16 products: ~1% error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,24 @@ def test_preset_trains_two_steps(name: str, tmp_path: Path, cache_dir: Path) -> 
     model = qkv.from_pretrained(result.final_dir)
     assert model.family == config.model.family
     assert (tmp_path / "run" / "checkpoints").is_dir()  # the final checkpoint
+
+
+@pytest.mark.parametrize("family", ["transformer_xl", "mixtral"])
+def test_the_newer_families_train_and_evaluate(
+    family: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    """Families added after the presets train through the same loop; Transformer-XL, which
+    decodes with a memory instead of a cache, is evaluated without the text sample."""
+    model = {"family": family, "d_model": 32, "n_layers": 2, "n_heads": 4}
+    if family == "mixtral":
+        model |= {"n_kv_heads": 2, "n_experts": 4, "top_k": 2}
+    config = config_from_dict({
+        "model": model,
+        "data": {"kind": "lm", "corpus": "python-docs", "tokenizer": "char", "seq_len": 24},
+        "train": {"batch_size": 4, "max_steps": 2, "eval_every": 2, "eval_batches": 1,
+                  "threads": 1},
+        "eval": {"sample_tokens": 8},
+    })  # fmt: skip
+    result = train(config, tmp_path / "run", cache_dir=cache_dir)
+    assert result.steps == 2 and math.isfinite(result.metrics["val_loss"])
+    assert qkv.from_pretrained(result.final_dir).family == family

@@ -165,7 +165,8 @@ def experts_loop(
             rank, token = rank[:capacity], token[:capacity]  # the rest are dropped
         served[token, rank] = True
         y = expert(x[token])  # (n_e, D)
-        out.index_add_(0, token, y * gates[token, rank, None].to(y.dtype))  # (N, D)
+        # Summed in x's dtype: under autocast the experts return bfloat16, the stream is float32.
+        out.index_add_(0, token, y.to(x.dtype) * gates[token, rank, None].to(x.dtype))  # (N, D)
     return out, served
 
 
@@ -195,7 +196,8 @@ def experts_sorted(
     rank, token = order // n, order % n  # (M,) each
     slices = x[token].split(counts.tolist())  # X slices (n_e, D), one per expert
     y = torch.cat([expert(s) for expert, s in zip(experts, slices, strict=True)])  # (M, D)
-    out = torch.zeros_like(x).index_add_(0, token, y * gates[token, rank, None].to(y.dtype))
+    weighted = y.to(x.dtype) * gates[token, rank, None].to(x.dtype)  # (M, D), in x's dtype
+    out = torch.zeros_like(x).index_add_(0, token, weighted)  # (N, D)
     served = torch.zeros(k * n, dtype=torch.bool, device=x.device)  # (k N,)
     served[order] = True
     return out, served.view(k, n).T  # (N, D), (N, k)

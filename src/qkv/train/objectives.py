@@ -247,6 +247,8 @@ class CausalLM(Objective):
         uses its own seeded generator."""
         if tokenizer is None or settings.sample_tokens == 0:
             return None
+        if not callable(getattr(model, "new_cache", None)):
+            return None  # a model that does not decode with a cache (Transformer-XL: a memory)
         from qkv.generate import generate
 
         limit = getattr(getattr(model, "config", None), "max_seq_len", None)
