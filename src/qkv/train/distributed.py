@@ -67,9 +67,15 @@ class DistContext:
         return self.rank == 0
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
-        """Sum (or max) ``tensor`` over ranks in place; a no-op in one process."""
+        """Sum (or max) ``tensor`` over ranks in place; a no-op in one process.
+
+        The collective runs on this rank's device (NCCL reduces only GPU tensors), so a CPU
+        tensor such as the clock travels there and back.
+        """
         if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            on_device = tensor.to(self.device)
+            dist.all_reduce(on_device, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            tensor.copy_(on_device)
         return tensor
 
     def barrier(self) -> None:

@@ -145,6 +145,7 @@ def _train(
         done = not _budget_left(c, progress)
         step, elapsed = progress.step, progress.elapsed
         evaluate = done or (c.eval_every and step % c.eval_every == 0)
+        pause_start = time.perf_counter()  # evaluation, logging and checkpoints: not training
         eval_metrics = _evaluate(run, progress) if evaluate else {}
         metrics = StepMetrics(
             step=step, time=elapsed, lr=lr, loss=progress.loss, tokens=progress.tokens,
@@ -158,6 +159,7 @@ def _train(
         ckpt.fault_point("step", step)
         if done or (c.checkpoint_every and step % c.checkpoint_every == 0):
             _checkpoint(run, progress)
+        segment_start += time.perf_counter() - pause_start  # the clock counts training only
     if metrics_log is not None:
         metrics_log.close()
     return _finish(run, progress)

@@ -1,0 +1,36 @@
+"""The training loop's clock: evaluation and checkpoints do not count as training time."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qkv.train import config_from_dict, loop, train
+from qkv.train.metrics import read_metrics
+
+from .helpers import TINY_GPT, with_overrides
+
+PAUSE = 0.4  # seconds each evaluation is made to take
+
+
+def test_evaluation_time_is_not_training_time(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = loop._evaluate
+
+    def slow_evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+        time.sleep(PAUSE)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_evaluate", slow_evaluate)
+    raw = with_overrides(TINY_GPT, train={"max_steps": 6, "eval_every": 1, "checkpoint_every": 0})
+    start = time.perf_counter()
+    train(config_from_dict(raw), tmp_path / "run", cache_dir=cache_dir)
+    wall = time.perf_counter() - start
+    clock = [float(row["time"]) for row in read_metrics(tmp_path / "run" / "metrics.csv")]
+    assert wall > 6 * PAUSE  # the evaluations did take their time ...
+    assert clock[-1] < wall - 5 * PAUSE, (clock, wall)  # ... and the clock left them out
+    assert clock == sorted(clock)
