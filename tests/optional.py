@@ -26,6 +26,8 @@ INSTALL = {
     "playwright": "pip install 'qkv[test]'",
     "sklearn": "pip install 'qkv[data]'",
     "sacrebleu": "pip install 'qkv[data]'",
+    "peft": "pip install 'qkv[test]'",
+    "triton": "pip install 'qkv[gpu]'",
 }
 
 
