@@ -18,6 +18,13 @@ machine falls on both. See ``against_nanogpt`` for what is counted.
     python benchmarks/training.py --against nanogpt --nanogpt-dir ../shared/peers/nanogpt
                                   [--steps 10] [--device cpu|cuda] [--threads 0]
     python benchmarks/training.py --gpt-char [--max-time 3m]   the gpt-char preset's val loss
+    python benchmarks/training.py --trainer [--trainer-steps 40] [--tiny] [--device cpu|cuda]
+                                  [--threads 0] [--cache-dir DIR]
+
+With ``--trainer`` it runs the real trainer (``qkv.train.train``) on the gpt-char preset for a
+fixed number of steps, twice (steps only; then evaluation, sampling and checkpoints every few
+steps), with a bare training step of the same model after every trainer step, and prints what
+the trainer costs beyond the bare step and where. See ``against_trainer``.
 
 Shape legend: B batch · T positions · D model width · H heads · V vocabulary · L layers.
 """
@@ -30,7 +37,9 @@ import contextlib
 import gc
 import importlib.util
 import io
+import math
 import multiprocessing
+import os
 import platform
 import statistics
 import sys
@@ -40,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,9 +57,15 @@ from torch import Tensor, nn
 import qkv
 from qkv.interop import hf_gpt2
 from qkv.models.gpt import GPT, GPTConfig
-from qkv.train.config import OptimConfig
-from qkv.train.objectives import Batch, CausalLM, loss_sum
+from qkv.train import config_from_dict, load_preset, merge_overrides, train
+from qkv.train import loop as trainer_loop
+from qkv.train.build import autocast_dtype, autocast_factory, build_model, build_objective
+from qkv.train.config import OptimConfig, TrainConfig
+from qkv.train.metrics import MetricsLog, StepMetrics, TrainCallback, read_metrics
+from qkv.train.objectives import Batch, CausalLM, Objective, loss_sum
 from qkv.train.optim import build_optimizer
+from qkv.train.rundir import default_cache_dir
+from qkv.train.state import RunParts
 
 
 def sync(device: torch.device) -> None:
@@ -123,8 +139,6 @@ def train_rate(
 
 def gpt_char(max_time: str) -> None:
     """Run the gpt-char preset for ``max_time`` and print its final validation loss."""
-    from qkv.train import config_from_dict, load_preset, merge_overrides, train
-
     config = config_from_dict(merge_overrides(load_preset("gpt-char"),
                                               {"train.max_time": max_time}))  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
@@ -467,6 +481,340 @@ def against_nanogpt(args: argparse.Namespace, device: torch.device) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+# -- the trainer against the bare step ------------------------------------------------------------
+
+# --tiny: a model and batch small enough for a test to run the whole comparison in seconds.
+TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "data.seq_len": 32,
+        "train.batch_size": 8, "train.eval_batches": 4, "eval.sample_tokens": 16}  # fmt: skip
+TRAINER_WARMUP = 2  # the first steps of both loops allocate and fill caches: not timed
+PRESET_EVERY = 100  # gpt-char's own eval_every and checkpoint_every
+
+
+class Spans:
+    """Seconds spent in named functions of the trainer, timed by wrapping them in place.
+
+    Only the outermost timed call counts (an evaluation's own batch copies belong to the
+    evaluation). ``restore`` puts every original back; nothing in ``src/`` is edited.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+        self._depth = 0
+        self._undo: list[tuple[object, str, object]] = []
+
+    def replace(self, owner: object, name: str, new: object) -> None:
+        self._undo.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, new)
+
+    def wrap(self, owner: object, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args: object, **kwargs: object) -> object:
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds.setdefault(label, []).append(time.perf_counter() - start)
+
+        self.replace(owner, name, timed)
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+        self._undo.clear()
+
+    def total(self, label: str) -> float:
+        return sum(self.seconds.get(label, []))
+
+    def calls(self, label: str) -> int:
+        return len(self.seconds.get(label, []))
+
+    def mean(self, label: str) -> float:
+        return self.total(label) / max(self.calls(label), 1)
+
+
+@dataclass
+class BareStep:
+    """The training step without the trainer: the same model, batches, optimizer, precision.
+
+    Built with the trainer's own builders (``build_model``, ``build_objective``,
+    ``build_optimizer``, ``autocast_dtype``) from the same config; the batches are the
+    trainer's (the same data source, seed and steps), prepared and moved to the device
+    beforehand. One step: forward under autocast, loss, backward, gradient clipping, AdamW,
+    zero_grad; nothing read back to the host.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: Objective
+    autocast: Callable[[], contextlib.AbstractContextManager[object]]
+    batches: list[Batch]
+    counts: list[int]  # N of each batch, counted beforehand (counting reads back)
+    grad_clip: float
+    device: torch.device
+
+    @classmethod
+    def build(cls, config: TrainConfig, cache_dir: Path, device: torch.device) -> BareStep:
+        from qkv.data import build_data
+
+        c = config.train
+        source, _ = build_data(config.data, cache_dir)
+        model = build_model(config, source).to(device)
+        model.train()
+        objective = build_objective(config, source, model.config)
+        batches = [objective.prepare(source.train_batch(step, c.batch_size, c.seed), seed=c.seed,
+                                     step=step) for step in range(c.max_steps)]  # fmt: skip
+        precision = autocast_dtype(c.precision, device)
+        return cls(
+            model=model, optimizer=build_optimizer(model, config.optim), objective=objective,
+            autocast=autocast_factory(precision, device),
+            batches=[b.to(device) for b in batches], counts=[b.num_targets for b in batches],
+            grad_clip=config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf,
+            device=device,
+        )  # fmt: skip
+
+    def run(self, index: int) -> None:
+        batch = self.batches[index % len(self.batches)]
+        with self.autocast():
+            logits = self.objective.logits(self.model, batch)  # (B, T, V)
+        (self.objective.loss_sum(logits, batch) / self.counts[index % len(self.counts)]).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, index: int) -> float:
+        """One step on batch ``index``, timed with the device drained on both sides; seconds."""
+        sync(self.device)
+        start = time.perf_counter()
+        self.run(index)
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def unsynced(self, steps: int) -> float:
+        """Seconds per step of ``steps`` steps queued back to back, one drain at the end."""
+        sync(self.device)
+        start = time.perf_counter()
+        for i in range(steps):
+            self.run(i)
+        sync(self.device)
+        return (time.perf_counter() - start) / steps
+
+
+class BareAlongside(TrainCallback):
+    """After every trainer step, one bare step (a load that comes and goes falls on both);
+    it times itself, so that its time can be taken out of the trainer's loop iterations."""
+
+    def __init__(self, bare: BareStep) -> None:
+        self.bare = bare
+        self.bare_seconds: dict[int, float] = {}
+        self.own_seconds: dict[int, float] = {}
+
+    def on_step(self, metrics: StepMetrics) -> None:
+        start = time.perf_counter()
+        self.bare_seconds[metrics.step] = self.bare(metrics.step - 1)
+        self.own_seconds[metrics.step] = time.perf_counter() - start
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerRun:
+    """One trainer run and the bare steps beside it; seconds, keyed by step (1 = the first)."""
+
+    name: str
+    every: int  # eval_every = checkpoint_every (0: only at the end)
+    bare: dict[int, float]
+    step: dict[int, float]  # the trainer's own record: tokens of the step / its tokens_per_s
+    iteration: dict[int, float]  # from the previous step's clock to this one's, less the callback
+    spans: Spans
+    precision: str
+
+    @property
+    def timed(self) -> list[int]:
+        return [s for s in sorted(self.step) if s > TRAINER_WARMUP and s in self.iteration]
+
+
+def trainer_config(args: argparse.Namespace, every: int) -> TrainConfig:
+    """The gpt-char preset for ``--trainer-steps`` steps, evaluating and checkpointing every
+    ``every`` steps (0: only at the end), on ``--device`` (``--tiny``: a toy size)."""
+    overrides: dict[str, object] = {
+        "train.max_steps": args.trainer_steps, "train.max_time": "",
+        "train.eval_every": every, "train.checkpoint_every": every,
+        "train.device": args.device, "train.threads": args.threads,
+    }  # fmt: skip
+    if args.tiny:
+        overrides.update(TINY)
+    return config_from_dict(merge_overrides(load_preset("gpt-char"), overrides))
+
+
+def run_trainer(
+    args: argparse.Namespace, device: torch.device, name: str, every: int
+) -> TrainerRun:
+    """``qkv.train.train`` on ``trainer_config(args, every)``, a bare step after each step."""
+    config = trainer_config(args, every)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    bare = BareStep.build(config, cache_dir, device)
+    callback = BareAlongside(bare)
+    spans = Spans()
+
+    def setup_run(*a: Any, **k: Any) -> RunParts:
+        run = original_setup(*a, **k)
+        spans.wrap(run.source, "train_batch", "data")
+        spans.wrap(run.objective, "prepare", "data")
+        spans.wrap(run.evaluator, "evaluate", "validation")
+        spans.wrap(run.evaluator, "sample", "sample")
+        return run
+
+    original_setup = trainer_loop.setup_run
+    spans.replace(trainer_loop, "setup_run", setup_run)
+    spans.wrap(trainer_loop, "setup_run", "setup")
+    spans.wrap(Batch, "to", "to device")
+    spans.wrap(MetricsLog, "write", "logging")
+    spans.wrap(trainer_loop, "_checkpoint", "checkpoint")
+    spans.wrap(trainer_loop, "_finish", "finish")
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            train(config, f"{out}/run", cache_dir=cache_dir, callback=callback)
+            rows = read_metrics(Path(out) / "run" / "metrics.csv")
+    finally:
+        spans.restore()
+    step, iteration, tokens, clock = {}, {}, 0, {}
+    for row in rows:
+        s = int(row["step"])
+        step[s] = (int(row["tokens"]) - tokens) / float(row["tokens_per_s"])
+        tokens, clock[s] = int(row["tokens"]), float(row["time"])
+        if s - 1 in clock:
+            iteration[s] = clock[s] - clock[s - 1] - callback.own_seconds[s - 1]
+    precision = autocast_dtype(config.train.precision, device)
+    return TrainerRun(
+        name=name, every=every, bare=callback.bare_seconds, step=step, iteration=iteration,
+        spans=spans, precision=str(precision).removeprefix("torch.") if precision else "float32",
+    )  # fmt: skip
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def percent(ratio: float) -> str:
+    return f"{(ratio - 1) * 100:+.1f}%"
+
+
+def trainer_row(run: TrainerRun, steps: int) -> list[str]:
+    """One table row: medians, per-pair overhead, mean iteration, and the timed spans."""
+    timed = run.timed
+    bare = [run.bare[s] for s in timed]
+    step = [run.step[s] for s in timed]
+    iteration = [run.iteration[s] for s in timed]
+    pairs = [t / b for t, b in zip(step, bare, strict=True)]
+    sp = run.spans
+    data = (sp.total("data") + sp.total("to device")) / steps
+    return [
+        run.name, str(len(timed)), ms(statistics.median(bare)), ms(statistics.median(step)),
+        f"{percent(statistics.median(pairs))} ({percent(min(pairs))} to {percent(max(pairs))})",
+        f"{ms(min(bare))} / {ms(min(step))}", ms(statistics.median(iteration)),
+        ms(statistics.mean(iteration)), percent(statistics.mean(iteration) / statistics.mean(bare)),
+        f"{data * 1e3:.3f}", f"{sp.mean('logging') * 1e3:.3f}",
+        *(f"{ms(sp.mean(label))} x {sp.calls(label)}"
+          for label in ("validation", "sample", "checkpoint")),
+    ]  # fmt: skip
+
+
+def against_trainer(args: argparse.Namespace, device: torch.device) -> None:
+    """Time ``qkv train``'s steps against the bare step; print a markdown table.
+
+    Two runs of the gpt-char preset (``--tiny``: a toy size) for ``--trainer-steps`` steps:
+    "steps only" (evaluation, sample and checkpoint only after the last step) and one that
+    evaluates (the preset's whole validation split and 200-character sample), and
+    checkpoints, every quarter of the steps. Inside each, after every trainer step, the
+    callback runs one bare step (``BareStep``). The first ``TRAINER_WARMUP`` steps of both are
+    not timed.
+
+    What is timed:
+    trainer step    the trainer's own record: metrics.csv's tokens of the step over its
+                    ``tokens_per_s``, i.e. its clock around the schedule, the data, forward,
+                    backward, clipping, AdamW and the read-back of loss and gradient norm
+    loop iteration  the difference of metrics.csv's ``time`` between consecutive steps, less
+                    the bare step run from the callback: a step and everything after it
+                    (evaluation, sample, metrics.csv, checkpoint)
+    spans           wall seconds inside the trainer's functions, wrapped in place (``Spans``):
+                    data = ``source.train_batch`` + ``objective.prepare`` + ``Batch.to``
+                    (inside the step), logging = ``MetricsLog.write``, validation =
+                    ``Evaluator.evaluate``, sample = ``Evaluator.sample``, checkpoint =
+                    ``_checkpoint`` (each is also in the loop iteration that follows it)
+    overhead        per pair, trainer step / the bare step right after it, median (min to max);
+                    and mean loop iteration / mean bare step. On a loaded machine the fastest
+                    steps (min) are the steadier comparison.
+
+    The trainer's clock (metrics.csv ``time``) runs on through evaluations and checkpoints,
+    so the mean loop iteration is what a ``train.max_time`` budget pays per step.
+    """
+    steps = args.trainer_steps
+    load_before = os.getloadavg()
+    print(machine_line(device))
+    every = max(1, steps // 4)
+    runs = [
+        run_trainer(args, device, "steps only", 0),
+        run_trainer(args, device, f"eval + sample + checkpoint every {every}", every),
+    ]
+    config = trainer_config(args, 0)
+    m = config.model.options
+    print(f"gpt-char{' (--tiny)' if args.tiny else ''}: L={m['n_layers']} H={m['n_heads']} "
+          f"D={m['d_model']} T={config.data.seq_len} B={config.train.batch_size}, "
+          f"{runs[0].precision} autocast as the trainer chooses it ({config.train.precision}), "
+          f"{steps} steps per run, the first {TRAINER_WARMUP} not timed")  # fmt: skip
+    print("trainer step: its own record (metrics.csv tokens / tokens_per_s); bare step: "
+          "forward, loss, backward, clip, AdamW of the same model, optimizer and batches, "
+          "after each trainer step")  # fmt: skip
+    header = ["run", "timed steps", "bare step, median (ms)", "trainer step, median (ms)",
+              "step overhead, median of pairs (min to max)", "fastest step, bare / trainer (ms)",
+              "loop iteration, median (ms)",
+              "loop iteration, mean (ms)", "mean iteration overhead", "data (ms/step)",
+              "logging (ms/step)", "validation (ms x calls)", "sample (ms x calls)",
+              "checkpoint (ms x calls)"]  # fmt: skip
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+    for run in runs:
+        print("| " + " | ".join(trainer_row(run, steps)) + " |")
+    print()
+    # Every evaluation and checkpoint of both runs, at the preset's cadence: the mean call
+    # against the median bare step, and the fastest call against the fastest bare step.
+    labels = ("validation", "sample", "checkpoint")
+    calls = {k: [t for run in runs for t in run.spans.seconds.get(k, [])] for k in labels}
+    bare = [run.bare[s] for run in runs for s in run.timed]
+    mean_cost = sum(statistics.mean(calls[k]) for k in labels) / PRESET_EVERY
+    best_cost = sum(min(calls[k]) for k in labels) / PRESET_EVERY
+    print(f"at the preset's own cadence (validation + sample + checkpoint every {PRESET_EVERY} "
+          f"steps): {mean_cost * 1e3:.2f} ms per step from the mean calls, "
+          f"{mean_cost / statistics.median(bare):.1%} of the median bare step; "
+          f"{best_cost * 1e3:.2f} ms from the fastest calls, {best_cost / min(bare):.1%} of "
+          "the fastest bare step")  # fmt: skip
+    for run in runs:
+        sp = run.spans
+        print(f"{run.name}: setup {sp.total('setup'):.2f} s, fetch + prepare "
+              f"{sp.total('data') / steps * 1e3:.3f} ms/step, to device "
+              f"{sp.total('to device') / steps * 1e3:.3f} ms/step, final export + loss plot "
+              f"{sp.total('finish'):.2f} s")  # fmt: skip
+    if device.type == "cuda":
+        bare_step = BareStep.build(trainer_config(args, 0), Path(args.cache_dir or
+                                   default_cache_dir()), device)  # fmt: skip
+        for i in range(TRAINER_WARMUP):
+            bare_step(i)
+        synced = statistics.median(bare_step(i) for i in range(steps))
+        queued = bare_step.unsynced(steps)
+        print(
+            f"bare step drained every step {ms(synced)} ms, queued back to back "
+            f"{ms(queued)} ms: a read-back per step costs {percent(synced / queued)}"
+        )
+    load_after = os.getloadavg()
+    print(
+        f"load average (1, 5, 15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
+        f"after {' '.join(f'{x:.2f}' for x in load_after)}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps (pairs with --against)")
@@ -478,6 +826,10 @@ def main() -> None:
     parser.add_argument("--nanogpt-dir", help="folder holding nanoGPT's model.py")
     parser.add_argument("--gpt-char", action="store_true", help="run the gpt-char preset")
     parser.add_argument("--max-time", default="3m", help="gpt-char's budget")
+    parser.add_argument("--trainer", action="store_true", help="time the trainer's steps")
+    parser.add_argument("--trainer-steps", type=int, default=40, help="steps per trainer run")
+    parser.add_argument("--tiny", action="store_true", help="--trainer at a toy size (tests)")
+    parser.add_argument("--cache-dir", help="tokenized-corpus cache (default: qkv's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -487,6 +839,11 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
+    if args.trainer:
+        if args.trainer_steps < TRAINER_WARMUP + 2:
+            parser.error(f"--trainer-steps must be at least {TRAINER_WARMUP + 2}")
+        against_trainer(args, device)
+        return
     if args.against == "nanogpt":
         if not args.nanogpt_dir:
             parser.error("--against nanogpt needs --nanogpt-dir DIR, the folder of nanoGPT's "
