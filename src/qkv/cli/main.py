@@ -18,6 +18,7 @@ import qkv
 # parsers and sets ``func`` (a function of the parsed arguments returning the exit code).
 COMMAND_MODULES: tuple[str, ...] = (
     "qkv.cli.env",
+    "qkv.cli.exercises",
     "qkv.cli.explain",
     "qkv.cli.tokenizer",
     "qkv.cli.train",
