@@ -258,6 +258,20 @@ def adamw(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
                              weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")  # fmt: skip
 
 
+def own_optimizer(name: str, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Each library's own AdamW, as its training code builds it (``--own-optimizers``).
+
+    qkv: ``qkv.train.optim.build_optimizer`` (decays Linear weights only; PyTorch's fused kernel
+    on CPUs and GPUs). nanoGPT: its ``configure_optimizers`` (decays every 2-D tensor; fused on
+    CUDA only). The same learning rate, betas and weight decay for both.
+    """
+    if name == "qkv":
+        config = OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WEIGHT_DECAY)
+        return build_optimizer(model, config)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its group sizes
+        return model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, device.type)  # type: ignore[operator]
+
+
 def qkv_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
     """qkv's training loss, inputs and targets (B, T), the way its trainer computes it."""
     batch = Batch(inputs={"input_ids": inputs}, targets=targets)  # what CausalLM prepares
@@ -420,9 +434,15 @@ def against_nanogpt(args: argparse.Namespace, device: torch.device) -> None:
     print(machine_line(device))
     print("baseline: matmul " + ", ".join(f"{n}^3 {str(d).removeprefix('torch.')} "
           f"{r / 1e9:.1f} GFLOP/s" for d, r in peaks.items()))  # fmt: skip
-    print(f"optimizer: torch.optim.AdamW over all parameters for both, lr {LR}, betas {BETAS}, "
-          f"weight decay {WEIGHT_DECAY}{', fused' if device.type == 'cuda' else ''}; qkv's GPT "
-          "with activation='gelu' (nanoGPT's exact GELU); dropout 0")  # fmt: skip
+    if args.own_optimizers:
+        print(f"optimizer: each library's own AdamW (qkv's build_optimizer, fused; nanoGPT's "
+              f"configure_optimizers, fused on CUDA only), lr {LR}, betas {BETAS}, weight decay "
+              f"{WEIGHT_DECAY}; qkv's GPT with activation='gelu' (nanoGPT's exact GELU); "
+              "dropout 0")  # fmt: skip
+    else:
+        print(f"optimizer: torch.optim.AdamW over all parameters for both, lr {LR}, betas "
+              f"{BETAS}, weight decay {WEIGHT_DECAY}{', fused' if device.type == 'cuda' else ''}; "
+              "qkv's GPT with activation='gelu' (nanoGPT's exact GELU); dropout 0")  # fmt: skip
     rows = []
     for shape in shapes:
         torch.manual_seed(0)
@@ -443,9 +463,14 @@ def against_nanogpt(args: argparse.Namespace, device: torch.device) -> None:
         per_token = flops_per_token(ours, shape.seq_len)
         run_ours = torch.compile(ours) if shape.compile else ours
         run_theirs = torch.compile(theirs) if shape.compile else theirs
+        if args.own_optimizers:
+            optimizers = (own_optimizer("qkv", ours, device),
+                          own_optimizer("nanogpt", theirs, device))  # fmt: skip
+        else:
+            optimizers = adamw(ours, device), adamw(theirs, device)
         pair = (
-            Contestant("qkv", run_ours, qkv_loss, adamw(ours, device), []),
-            Contestant("nanoGPT", run_theirs, nanogpt_loss, adamw(theirs, device), []),
+            Contestant("qkv", run_ours, qkv_loss, optimizers[0], []),
+            Contestant("nanoGPT", run_theirs, nanogpt_loss, optimizers[1], []),
         )
         for i in range(warmup):
             for c in pair:
@@ -824,6 +849,11 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--against", choices=("nanogpt",), help="time side by side with a peer")
     parser.add_argument("--nanogpt-dir", help="folder holding nanoGPT's model.py")
+    parser.add_argument(
+        "--own-optimizers",
+        action="store_true",
+        help="with --against: each library's own AdamW, not one for both",
+    )
     parser.add_argument("--gpt-char", action="store_true", help="run the gpt-char preset")
     parser.add_argument("--max-time", default="3m", help="gpt-char's budget")
     parser.add_argument("--trainer", action="store_true", help="time the trainer's steps")
