@@ -28,6 +28,7 @@ INSTALL = {
     "sacrebleu": "pip install 'qkv[data]'",
     "peft": "pip install 'qkv[test]'",
     "triton": "pip install 'qkv[gpu]'",
+    "material": "pip install 'qkv[dev]'",
 }
 
 

@@ -221,6 +221,7 @@ def _visible_text(page_html: str) -> str:
 def test_mkdocs_builds_strictly_with_includes(tmp_path: Path) -> None:
     require("mkdocs")
     require("pymdownx")
+    require("material")  # the theme (mkdocs-material)
     mkdocs = Path(sys.executable).with_name("mkdocs")
     command = [str(mkdocs)] if mkdocs.exists() else [sys.executable, "-m", "mkdocs"]
     site = tmp_path / "site"
