@@ -29,6 +29,7 @@ INSTALL = {
     "peft": "pip install 'qkv[test]'",
     "triton": "pip install 'qkv[gpu]'",
     "material": "pip install 'qkv[dev]'",
+    "bm25s": "pip install 'qkv[test]'",
 }
 
 
@@ -65,6 +66,7 @@ _MENTIONS = {
     "sentence_transformers": "sentence_transformers",
     "sklearn": "sklearn",
     "vit-digits": "sklearn",
+    "bm25": "bm25s",
 }
 
 
