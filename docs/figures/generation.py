@@ -1,4 +1,9 @@
-"""Draw the pictures of docs/learn/08-generation.md.
+"""Draw the pictures of docs/learn/08-generation.md, and write its interactive sampling view.
+
+The view (``08-sampling.html``, next to the pictures) is one self-contained HTML file with no
+network access: sliders for temperature, top-k and top-p over the page's two distributions. Every
+filtered distribution it can show is computed here by ``qkv.generate.process_logits`` and stored
+in the file, so the page shows qkv's numbers, not a re-implementation in JavaScript.
 
 Run from the repository root: ``python docs/figures/generation.py [--out docs/learn/img]``.
 """
@@ -6,8 +11,12 @@ Run from the repository root: ``python docs/figures/generation.py [--out docs/le
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import torch
+
+from qkv.generate.sampling import process_logits
 from qkv.viz.distribution import plot_filters
 
 # The two made-up distributions of the page: one right answer, and many reasonable ones.
@@ -23,6 +32,40 @@ CAT = (
 )
 
 
+TAUS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+TOP_KS = tuple(range(1, 11))  # 10 of 10 tokens: no cut
+TOP_PS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+TEMPLATE = Path(__file__).with_name("08-sampling-template.html")  # __DATA__ is filled in
+
+
+def write_sampling_view(path: Path) -> Path:
+    """The interactive view of page 08: every (temperature, top-k, top-p) setting precomputed."""
+    prompts = []
+    for title, words, probs in (CAT, CAPITAL):
+        logits = torch.tensor([probs]).log()  # (B, V) = (1, 10)
+        filtered = []  # per setting, per token: per-mille probability, or -1 where cut
+        for tau in TAUS:
+            for k in TOP_KS:
+                for p in TOP_PS:
+                    out = process_logits(logits, tau=tau, top_k=k, top_p=p)  # (1, V)
+                    after = torch.softmax(out, dim=-1)[0]  # (V,): what sampling draws from
+                    finite = out[0].isfinite().tolist()
+                    filtered.append(
+                        [
+                            round(1000 * x) if f else -1
+                            for x, f in zip(after.tolist(), finite, strict=True)
+                        ]
+                    )
+        probs_permille = [round(1000 * x) for x in probs]
+        prompts.append({"title": title, "words": words, "filtered": filtered,
+                        "probs": probs_permille})  # fmt: skip
+    data = {"taus": TAUS, "top_ks": TOP_KS, "top_ps": TOP_PS, "prompts": prompts}
+    page = TEMPLATE.read_text("utf-8").replace("__DATA__", json.dumps(data, separators=(",", ":")))
+    path.write_text(page, "utf-8")
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/learn/img"))
@@ -34,6 +77,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         path = args.out / f"{name}.png"
         plot_filters(words, probs, top_k=3, top_p=0.9, min_p=0.3, title=title, path=path)
         written.append(path)
+    write_sampling_view(args.out / "08-sampling.html")  # not a picture: not in the list
     return written
 
 

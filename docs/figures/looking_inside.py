@@ -1,4 +1,6 @@
-"""Draw the pictures of docs/learn/10-looking-inside.md from the real all-MiniLM-L6-v2 weights.
+"""Draw the pictures of docs/learn/10-looking-inside.md from the real all-MiniLM-L6-v2 weights,
+and write the page's interactive explorer (``10-explorer.html``, next to the pictures: one
+self-contained file that the page shows in a frame).
 
 Run from the repository root: ``python docs/figures/looking_inside.py [--out docs/learn/img]``.
 """
@@ -13,6 +15,7 @@ import torch
 import qkv
 from qkv.viz import plots, stats
 from qkv.viz.capture import AttentionMaps, capture_attention
+from qkv.viz.explorer import write_explorer
 
 SEED_SENTENCE = "The animal didn't cross the street because it was tired."
 HEADS_SHOWN = ((0, 2), (3, 1), (5, 11))  # (layer, head): previous token, and two "animal" heads
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         path = out / f"{name}.png"
         draw(path)
         written.append(path)
+    write_explorer(out / "10-explorer.html", [a.to_view()], title="MiniLM on the seed sentence")
     return written
 
 

@@ -166,6 +166,7 @@ class GPT(DecoderLM):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
         c = config
+        # --8<-- [start:embeddings]
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # weight (V, D)
         self.pos_emb = LearnedPositionalEmbedding(c.max_seq_len, c.d_model)  # (max_seq_len, D)
         self.dropout = nn.Dropout(c.dropout)
@@ -177,6 +178,7 @@ class GPT(DecoderLM):
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)  # weight (V, D)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one shared parameter, not a copy
+        # --8<-- [end:embeddings]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -170,6 +170,7 @@ class Transformer(EncoderDecoderLM):
         if c.tie_output:
             self.lm_head.weight = self.tgt_emb.weight  # one (V, D) matrix, two roles
 
+    # --8<-- [start:embed]
     def _embed(self, emb: nn.Embedding, ids: Tensor, positions: Tensor, past: int = 0) -> Tensor:
         """Token embeddings times sqrt(D), plus the encodings of ``positions`` (T,) or (B, T)."""
         if past + ids.shape[1] > self.config.max_seq_len:
@@ -179,6 +180,8 @@ class Transformer(EncoderDecoderLM):
             )
         x = emb(ids) * math.sqrt(self.config.d_model)  # (B, T, D)
         return self.dropout(x + self.pos_enc(positions).to(x.dtype))  # (B, T, D)
+
+    # --8<-- [end:embed]
 
     def _encoder_states(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
         """The embedded source and every encoder layer's output, each (B, S, D)."""

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -196,6 +198,9 @@ def plot_heads(
             fontsize=small,
         )
         ax.set_title(labels[h], fontsize=8)
+    # Every head is drawn on the same scale, 0 to 1, so one bar serves them all.
+    scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=WEIGHTS_CMAP)
+    fig.colorbar(scale, ax=axes, label="weight", shrink=0.6)
     if title:
         fig.suptitle(title, fontsize=11)
     return _finish(fig, path)
@@ -312,16 +317,16 @@ def plot_query(
         list(layer_labels) if layer_labels is not None else [f"layer {i}" for i in range(n_layers)]
     )
     heads = list(head_labels) if head_labels is not None else [str(h) for h in range(n_heads)]
-    height = n_layers * (0.16 * n_heads + 0.35) + 1.2
+    height = n_layers * (0.2 * n_heads + 0.35) + 1.2
     fig = Figure(figsize=(0.34 * s + 1.8, height), dpi=DPI, layout="constrained")
     axes = fig.subplots(n_layers, 1, squeeze=False, sharex=True)[:, 0]
     for i, ax in enumerate(axes):
         image = ax.imshow(w[i], cmap=WEIGHTS_CMAP, vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_yticks(range(n_heads), heads, fontsize=5 if n_heads > 8 else 7)
+        ax.set_yticks(range(n_heads), heads, fontsize=8)
         ax.set_ylabel(layers[i], fontsize=8)
         ax.set_xticks(range(s), [_label(t) for t in key_tokens], rotation=90, fontsize=8)
-    fig.colorbar(image, ax=list(axes), label="weight", shrink=0.6)
-    fig.suptitle(f"where {query!r} looks (rows: heads)", fontsize=11)
+    fig.colorbar(image, ax=list(axes), label="weight", shrink=min(0.6, 2.5 / n_layers))
+    fig.suptitle(f"where {query!r} looks (each panel a layer, each row a head)", fontsize=11)
     return _finish(fig, path)
 
 
@@ -437,6 +442,7 @@ def plot_rope(
 
     Each panel starts from the same point (1, 0) and marks its rotation at positions
     0 .. n_positions - 1; the fast pair 0 goes around the circle, slower pairs barely move.
+    Where the steps are wide enough to tell apart, every point carries its position.
     """
     theta = rope_frequencies(head_dim, base=base)  # (E/2,)
     fig = Figure(figsize=(3.0 * len(pairs), 3.3), dpi=DPI, layout="constrained")
@@ -447,13 +453,15 @@ def plot_rope(
         angles = positions * float(theta[i])  # (N,): p * theta_i
         x, y = torch.cos(angles).numpy(), torch.sin(angles).numpy()
         ax.plot(torch.cos(circle), torch.sin(circle), color="0.85", linewidth=1)
-        ax.plot(x, y, color="0.6", linewidth=0.8)
         points = ax.scatter(x, y, c=positions.numpy(), cmap="viridis", s=28, zorder=3)
-        for p in (0, n_positions - 1):
-            ax.annotate(str(p), (x[p], y[p]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # Steps of 0.2 rad or more sit apart on the circle: number every point just outside it.
+        # (Joining the points with lines would draw chords across the circle, not the turn.)
+        labelled = range(n_positions) if float(theta[i]) >= 0.2 else (0, n_positions - 1)
+        for p in labelled:
+            ax.text(1.17 * x[p], 1.17 * y[p], str(p), ha="center", va="center", fontsize=7)
         ax.set_aspect("equal")
-        ax.set_xlim(-1.25, 1.25)
-        ax.set_ylim(-1.25, 1.25)
+        ax.set_xlim(-1.3, 1.3)
+        ax.set_ylim(-1.3, 1.3)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"pair {i}: theta = {float(theta[i]):.3g} rad / position", fontsize=9)
@@ -462,22 +470,28 @@ def plot_rope(
 
 
 def plot_alibi(n_heads: int = 4, n_positions: int = 12, *, path: PathLike | None = None) -> Figure:
-    """ALiBi's bias (T, T) for each head, under a causal mask (the future left blank)."""
+    """ALiBi's bias (T, T) for each head, under a causal mask (the future left blank).
+
+    Each head has its own colour scale: the slopes differ by a factor of 4 from head to head, so
+    on one shared scale every head but the steepest would look flat.
+    """
     bias = alibi_bias(n_heads, n_positions, n_positions)  # (H, T, S)
     future = torch.triu(torch.ones(n_positions, n_positions, dtype=torch.bool), 1)  # (T, S)
     shown = bias.masked_fill(future, float("nan"))  # (H, T, S)
     slopes = alibi_slopes(n_heads).tolist()
-    low = float(bias.min())
-    fig = Figure(figsize=(2.6 * n_heads + 0.8, 3.0), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(3.0 * n_heads + 0.4, 3.1), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, n_heads, squeeze=False)[0]
     for h, ax in enumerate(axes):
+        low = float(bias[h].min())  # this head's largest penalty, the oldest key of the last row
         image = ax.imshow(_np(shown[h]), cmap="magma", vmin=low, vmax=0.0)
         ax.set_title(f"head {h}: slope 1/{round(1 / slopes[h])}", fontsize=9)
         ax.set_xlabel("key j", fontsize=8)
         if h == 0:
             ax.set_ylabel("query i", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.colorbar(image, ax=list(axes), label="bias -m (i - j)", shrink=0.8)
+        bar = fig.colorbar(image, ax=ax, shrink=0.8, format="%.2g")
+        bar.ax.tick_params(labelsize=7)
+    fig.suptitle("bias -m (i - j), each head on its own colour scale", fontsize=10)
     return _finish(fig, path)
 
 
