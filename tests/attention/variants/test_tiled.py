@@ -1,7 +1,8 @@
 """Tiled attention (``impl="tiled"``) against the reference: outputs and gradients of q, k, v and
 the bias, every mask kind, MHA/GQA/MQA, T != S, sizes that are no multiple of the blocks, half
-precision, dropout; and the claims of its docstring: no (T, S) tensor is ever allocated, and
-hidden blocks are skipped.
+precision, dropout, ``is_causal`` through the dispatcher; and the claims of its docstring: no
+(T, S) tensor is ever allocated (``is_causal`` included: no causal mask is built for it), hidden
+blocks are skipped, and only the tiles a mask or the diagonal cuts through are masked.
 
 Shape legend: B batch · T query positions · S key/value positions · H query heads ·
 K key/value heads · E head dim.
@@ -33,18 +34,33 @@ SHAPES = {"square": (19, 19), "decode": (5, 21)}
 BLOCKS = {"block_q": 8, "block_k": 8}
 
 
-def tiled(q, k, v, mask=None, bias=None, dropout_p=0.0, **blocks):
+def tiled(q, k, v, mask=None, bias=None, dropout_p=0.0, is_causal=False, **blocks):
     """Small blocks by default, so that every test crosses several of them in both directions."""
     blocks = {**BLOCKS, **blocks}
     out, weights = tiled_attention(
-        q, k, v, mask, bias=bias, scale=None, dropout_p=dropout_p, **blocks
+        q, k, v, mask, bias=bias, scale=None, dropout_p=dropout_p, is_causal=is_causal, **blocks
     )
     assert weights is None
     return out
 
 
-def reference(q, k, v, mask=None, bias=None):
-    return qkv.scaled_dot_product_attention(q, k, v, mask, bias=bias, impl="reference")
+def reference(q, k, v, mask=None, bias=None, is_causal=False):
+    return qkv.scaled_dot_product_attention(
+        q, k, v, mask, bias=bias, is_causal=is_causal, impl="reference"
+    )
+
+
+@pytest.fixture
+def small_block_tiled():
+    """The tiled backend with 8-wide blocks, registered as "tiled" is (grouped heads and
+    ``is_causal`` handled inside): a toy model's 20 positions cross several blocks."""
+    name = "test-tiled-8"
+    backend = functools.partial(tiled_attention, **BLOCKS)
+    qkv.register_backend(name, backend, grouped_kv=True, causal=True)
+    try:
+        yield name
+    finally:
+        qkv.unregister_backend(name)
 
 
 def out_and_grads(fn, inputs, grad_out):
@@ -55,9 +71,10 @@ def out_and_grads(fn, inputs, grad_out):
     return [out.detach()] + [x.grad for x in inputs if x.requires_grad]
 
 
-def test_registered_with_grouped_kv() -> None:
+def test_registered_with_grouped_kv_and_causal() -> None:
     assert "tiled" in qkv.available_backends()
     assert backends.handles_grouped_kv("tiled")  # k, v are never repeated for it
+    assert backends.handles_causal("tiled")  # is_causal arrives as a flag, not a (T, S) mask
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -92,9 +109,51 @@ def test_float32_output_and_gradients_match_the_reference(
         torch.testing.assert_close(g.double(), x, atol=atol, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("shape", [*SHAPES, "uneven"])
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("extra", ["none", "padding", "sliding_window", "bias"])
+def test_is_causal_through_the_dispatcher_is_the_causal_mask(
+    shape: str, heads: str, extra: str, small_block_tiled: str
+) -> None:
+    """``is_causal=True`` (bottom-right aligned, joined with any mask) gives what the reference
+    gives with ``masks.causal(T, S) & mask``: outputs and gradients of q, k, v and the bias."""
+    h, kv = HEADS[heads]
+    (t, s), b, e = {**SHAPES, "uneven": (13, 40)}[shape], 2, 16
+    q, k, v = (x.requires_grad_() for x in make_qkv(b, h, kv, t, s, e, torch.float32))
+    mask = None
+    if extra in ("padding", "sliding_window"):
+        mask = make_mask(extra, b, t, s)
+    inputs = [q, k, v]
+    if extra == "bias":
+        inputs.append(torch.randn(h, t, s, requires_grad=True))
+    grad_out = torch.randn(b, h, t, e)
+    causal = masks.causal(t, s) if mask is None else mask & masks.causal(t, s)
+
+    def fast(q, k, v, bias=None):
+        return qkv.scaled_dot_product_attention(
+            q, k, v, mask, bias=bias, is_causal=True, impl=small_block_tiled
+        )
+
+    got = out_and_grads(fast, inputs, grad_out)
+    exact = out_and_grads(
+        lambda q, k, v, bias=None: reference(q, k, v, causal, bias),
+        [x.double() for x in inputs],
+        grad_out.double(),
+    )
+    for name, g, x in zip(["output", "dq", "dk", "dv", "dbias"], got, exact, strict=False):
+        atol = ATOL[torch.float32] * max(1.0, x.abs().max().item())
+        torch.testing.assert_close(g.double(), x, atol=atol, rtol=0, msg=name)
+
+
+def test_is_causal_with_more_queries_than_keys_is_a_clear_error() -> None:
+    q, k, v = make_qkv(1, 2, 2, 9, 5, 8, torch.float32)
+    with pytest.raises(ValueError, match="S >= T"):
+        tiled(q, k, v, is_causal=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads", ["mha", "gqa"])
-@pytest.mark.parametrize("mask_kind", ["none", "causal", "padding", "empty_row"])
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "is_causal", "padding", "empty_row"])
 def test_half_precision_is_as_accurate_as_the_reference(
     dtype: torch.dtype, heads: str, mask_kind: str
 ) -> None:
@@ -103,13 +162,14 @@ def test_half_precision_is_as_accurate_as_the_reference(
     h, kv = HEADS[heads]
     b, t, s, e = 2, 24, 40, 32
     q, k, v = (x.to(dtype) for x in make_qkv(b, h, kv, t, s, e))  # rounded once
-    mask = make_mask(mask_kind, b, t, s)
+    is_causal = mask_kind == "is_causal"
+    mask = None if is_causal else make_mask(mask_kind, b, t, s)
     bias = torch.randn(h, t, s).to(dtype)
     grad_out = torch.randn(b, h, t, e).to(dtype)
     inputs = [x.requires_grad_() for x in (q, k, v)]
 
     def run(fn, q, k, v):
-        return fn(q, k, v, mask, bias.to(q.dtype))
+        return fn(q, k, v, mask, bias.to(q.dtype), is_causal=is_causal)
 
     exact = out_and_grads(
         functools.partial(run, reference), [x.double() for x in inputs], grad_out.double()
@@ -123,13 +183,18 @@ def test_half_precision_is_as_accurate_as_the_reference(
         assert fast_err <= HALF_FACTOR * ref_err, (name, fast_err, ref_err)
 
 
-def test_gradcheck_float64_with_bias_mask_and_grouped_heads() -> None:
+@pytest.mark.parametrize("causal", ["mask", "is_causal", "is_causal_and_padding"])
+def test_gradcheck_float64_with_bias_mask_and_grouped_heads(causal: str) -> None:
     q, k, v = (x.requires_grad_() for x in make_qkv(1, 4, 2, 5, 7, 3))
     bias = torch.randn(4, 5, 7, dtype=torch.float64, requires_grad=True)
-    mask = masks.causal(5, 7)
+    mask = {
+        "mask": masks.causal(5, 7),
+        "is_causal": None,
+        "is_causal_and_padding": masks.padding(torch.tensor([6]), max_len=7),
+    }[causal]
 
     def f(q, k, v, bias):
-        return tiled(q, k, v, mask, bias, block_q=2, block_k=3)
+        return tiled(q, k, v, mask, bias, is_causal=causal != "mask", block_q=2, block_k=3)
 
     assert torch.autograd.gradcheck(f, (q, k, v, bias), eps=1e-6, atol=1e-5)
 
@@ -161,12 +226,15 @@ def test_fully_masked_row_is_zero_with_zero_grad(dtype: torch.dtype) -> None:
         assert (grad_q[:, :, 9] == 0).all()
 
 
-def test_dispatcher_runs_it_with_its_default_blocks() -> None:
-    """Through ``impl="tiled"``: GQA heads shared inside, 150 positions over several 64-blocks."""
-    q, k, v = make_qkv(1, 4, 2, 150, 150, 16, torch.float32)
-    mask = masks.causal(150)
-    out = qkv.scaled_dot_product_attention(q, k, v, mask, impl="tiled")
-    exact = reference(q.double(), k.double(), v.double(), mask)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dispatcher_runs_it_with_its_default_blocks(is_causal: bool) -> None:
+    """Through ``impl="tiled"``: GQA heads shared inside, 300 queries over several blocks of the
+    default size, below 1200 keys (a causal mask given, or ``is_causal``)."""
+    t, s = 300, 1200
+    q, k, v = make_qkv(1, 4, 2, t, s, 16, torch.float32)
+    mask = None if is_causal else masks.causal(t, s)
+    out = qkv.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, impl="tiled")
+    exact = reference(q.double(), k.double(), v.double(), masks.causal(t, s))
     torch.testing.assert_close(out.double(), exact, atol=ATOL[torch.float32], rtol=0)
 
 
@@ -211,6 +279,32 @@ def test_no_tensor_grows_with_t_times_s(fn: str) -> None:
         assert spy.largest >= b * h * t * s > linear
 
 
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", [True, False], ids=["handles_causal", "gets_a_mask"])
+def test_is_causal_builds_no_t_by_s_mask(padded: bool, causal: bool) -> None:
+    """Through the dispatcher with ``is_causal=True`` (and a (B, 1, 1, S) padding mask): nothing
+    as large as T x S is allocated, forward or backward. Registered without ``causal=True``, the
+    same backend receives the dispatcher's (T, S) causal mask and fails the check: it can fail."""
+    b, h, t, s, e = 2, 2, 256, 320, 16
+    q, k, v = (x.requires_grad_() for x in make_qkv(b, h, h, t, s, e, torch.float32))
+    mask = masks.padding(torch.tensor([s, s - 50]), max_len=s) if padded else None
+    grad_out = torch.randn(b, h, t, e)
+    name = "test-tiled-memory"
+    backend = functools.partial(tiled_attention, block_q=64, block_k=64)  # a tile: B H 64 64
+    qkv.register_backend(name, backend, grouped_kv=True, causal=causal)
+    try:
+        with LargestAllocation() as spy:
+            out = qkv.scaled_dot_product_attention(q, k, v, mask, is_causal=True, impl=name)
+            out.backward(grad_out)
+    finally:
+        qkv.unregister_backend(name)
+    linear = b * h * max(t, s) * e  # the size of q or k, and of their gradients
+    if causal:
+        assert spy.largest <= linear < t * s, spy.largest
+    else:
+        assert spy.largest >= t * s
+
+
 def test_blocks_hidden_by_the_mask_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Causal, 64 positions in 16-blocks: 10 of the 16 tiles hold a visible key (4 + 3 + 2 + 1
     on and below the diagonal); the others are never computed, forward or backward."""
@@ -232,15 +326,64 @@ def test_blocks_hidden_by_the_mask_are_skipped(monkeypatch: pytest.MonkeyPatch) 
     assert computed.count(True) == 20 and len(computed) == 32
 
 
+class CountMaskedFills(TorchDispatchMode):
+    """Counts the masked_fill operations that hide scores, in place or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.masked_fill, torch.ops.aten.masked_fill_):
+            value = args[2] if len(args) > 2 else kwargs["value"]
+            self.count += value == float("-inf")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("t", "length", "visited", "computed", "masked"),
+    [(64, None, 10, 10, 4), (64, 40, 10, 9, 4), (16, None, 4, 4, 1)],
+    ids=["square", "padded", "decode"],
+)
+def test_is_causal_visits_only_visible_tiles_and_masks_only_where_needed(
+    t: int, length: int | None, visited: int, computed: int, masked: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """64 keys in 16-blocks, forward. Square: the 10 tiles on and below the diagonal are visited,
+    none above, and only the 4 it crosses are masked. Padded (keys 40.. are padding): of those
+    10, the one in the last key block is all padding and skipped; the diagonal tiles and the one
+    below it that the padding cuts, (48:64, 32:48), are masked; none else. Decode (16 queries,
+    the last 16 of 64 positions): 4 tiles, only the last crossed by the diagonal."""
+    calls = []
+    real = tiled_module._scores
+
+    def counting(*args, **kwargs):
+        s_ij = real(*args, **kwargs)
+        calls.append(s_ij is not None)
+        return s_ij
+
+    monkeypatch.setattr(tiled_module, "_scores", counting)
+    q, k, v = make_qkv(1, 2, 2, t, 64, 8, torch.float32)
+    mask = None if length is None else masks.padding(torch.tensor([length]), max_len=64)
+    with CountMaskedFills() as fills:
+        out = tiled(q, k, v, mask, is_causal=True, block_q=16, block_k=16)
+    assert (len(calls), calls.count(True), fills.count) == (visited, computed, masked)
+    exact = reference(q.double(), k.double(), v.double(), mask, is_causal=True)
+    torch.testing.assert_close(out.double(), exact, atol=ATOL[torch.float32], rtol=0)
+
+
 # -- dropout ---------------------------------------------------------------------------------------
-def test_dropout_drops_the_reference_weights_and_rescales_the_rest() -> None:
-    """With v = identity, the output is the dropped weight matrix itself."""
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dropout_drops_the_reference_weights_and_rescales_the_rest(is_causal: bool) -> None:
+    """With v = identity, the output is the dropped weight matrix itself (causal by a mask, or
+    by ``is_causal``)."""
     p, t, s = 0.3, 40, 48
     q, k, _ = make_qkv(2, 2, 2, t, s, 8, torch.float32)
     eye = torch.eye(s).expand(2, 2, s, s)  # (B, H, S, Ev=S)
     mask = masks.causal(t, s)
     _, weights = qkv.reference_attention(q, k, eye, mask)  # (B, H, T, S)
-    dropped = tiled(q, k, eye, mask, dropout_p=p)  # (B, H, T, S)
+    given = None if is_causal else mask
+    dropped = tiled(q, k, eye, given, dropout_p=p, is_causal=is_causal)  # (B, H, T, S)
     kept = dropped != 0
     visible = mask.expand_as(kept)
     assert not kept[~visible].any()  # hidden keys stay hidden
@@ -265,18 +408,6 @@ def test_dropout_follows_the_global_seed_and_its_gradients_are_exact() -> None:
 
 
 # -- in a model ------------------------------------------------------------------------------------
-@pytest.fixture
-def small_block_tiled():
-    """The tiled backend with 8-wide blocks: a toy model's 20 positions cross several."""
-    name = "test-tiled-8"
-    backend = functools.partial(tiled_attention, block_q=8, block_k=8)
-    qkv.register_backend(name, backend, grouped_kv=True)
-    try:
-        yield name
-    finally:
-        qkv.unregister_backend(name)
-
-
 @pytest.mark.parametrize("padded", [False, True])
 def test_gpt_gives_the_reference_logits_and_gradients(padded: bool, small_block_tiled) -> None:
     config = replace(PRESETS["tiny"], dropout=0.0, attn_impl="reference")
