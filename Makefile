@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(BIN)/qkv train --preset gpt-char
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks docs/figures
-	$(BIN)/ruff format --check src tests benchmarks docs/figures
+	$(BIN)/ruff check src tests benchmarks docs/figures examples
+	$(BIN)/ruff format --check src tests benchmarks docs/figures examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
