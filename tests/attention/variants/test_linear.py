@@ -13,13 +13,16 @@ import qkv
 from qkv import masks
 from qkv.attention.backends import repeat_kv
 from qkv.attention.variants.linear import (
+    CHUNK_SIZE,
     LinearAttentionState,
+    causal_kernel_attention,
     dense_kernel_attention,
     elu_feature_map,
     linear_attention,
     split_mask,
 )
 from qkv.models.gpt import GPT, PRESETS
+from tests.attention.variants.test_sparse import LargestTensor
 from tests.conftest import ATOL, HALF_FACTOR
 
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
@@ -108,6 +111,71 @@ def test_fast_forms_equal_dense_form(
     check_against_dense(fast, dense, fast_leaves, dense_leaves, ATOL[dtype])
 
 
+# (T, S) of the causal cases through the dispatcher: one chunk, T < S (a cache's past), T > S
+# (queries with no key), and several chunks of CHUNK_SIZE, the last one short.
+CAUSAL_LENGTHS = [(9, 9), (3, 9), (9, 4), (300, 300), (200, 330), (330, 200)]
+CAUSAL_IDS = [f"T{t}-S{s}" for t, s in CAUSAL_LENGTHS]
+
+
+def causal_mask(t: int, s: int) -> Tensor:
+    """masks.causal(T, S), bottom-right aligned, also for T > S (first T - S rows empty)."""
+    return torch.ones(t, s, dtype=torch.bool).tril(s - t)  # (T, S)
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["causal", "causal_padding"])
+@pytest.mark.parametrize("heads", ["mha", "gqa"])
+@pytest.mark.parametrize(("t", "s"), CAUSAL_LENGTHS, ids=CAUSAL_IDS)
+def test_is_causal_through_dispatcher_equals_dense_form(
+    t: int, s: int, heads: str, padding: bool
+) -> None:
+    """``is_causal=True`` (with a (B, 1, 1, S) key padding mask or none) reaches the backend as
+    a flag; outputs and gradients equal the dense form with the causal mask built out."""
+    h, kv = HEADS[heads]
+    q, k, v = torch.randn(2, h, t, 8), torch.randn(2, kv, s, 8), torch.randn(2, kv, s, 6)
+    keys = masks.padding(torch.rand(2, s) > 0.3) if padding else None  # (B, 1, 1, S)
+    dense_mask = causal_mask(t, s) if keys is None else keys & causal_mask(t, s)
+    dense_leaves, fast_leaves = leaves(q, k, v, dtype=torch.float64), leaves(q, k, v, dtype=q.dtype)
+    dense = dense_linear(*dense_leaves, dense_mask)  # (B, H, T, Ev)
+    fast = qkv.scaled_dot_product_attention(*fast_leaves, keys, is_causal=True, impl="linear")
+    check_against_dense(fast, dense, fast_leaves, dense_leaves, ATOL[torch.float32])
+
+
+@pytest.mark.parametrize(("t", "s"), CAUSAL_LENGTHS, ids=CAUSAL_IDS)
+def test_readable_causal_form_equals_dense_form(t: int, s: int) -> None:
+    """``causal_kernel_attention`` (the chunk loop under plain autograd, the one the docs show)."""
+    q, k, v = torch.randn(2, 2, t, 8), torch.randn(2, 2, s, 8), torch.randn(2, 2, s, 6)
+    keys = masks.padding(torch.rand(2, s) > 0.3)  # (B, 1, 1, S)
+    dense_leaves, fast_leaves = leaves(q, k, v, dtype=torch.float64), leaves(q, k, v, dtype=q.dtype)
+    dense = dense_linear(*dense_leaves, keys & causal_mask(t, s))
+    phi_q, phi_k = elu_feature_map(fast_leaves[0]), elu_feature_map(fast_leaves[1])
+    fast = causal_kernel_attention(phi_q, phi_k, fast_leaves[2], keys, chunk_size=7)
+    check_against_dense(fast, dense, fast_leaves, dense_leaves, ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("impl", ["linear", "performer"])
+def test_is_causal_builds_no_t_by_s_tensor(impl: str) -> None:
+    """Forward and backward of ``is_causal=True`` with key padding: no tensor as large as a
+    quarter of T x S is ever created (the dispatcher's causal mask alone would be T x S), and
+    autograd keeps q, k, v and the chunk states, no features or C x C products."""
+    b, h, t, e = 1, 2, 2048, 8
+    q, k, v = (torch.randn(b, h, t, e, requires_grad=True) for _ in range(3))
+    keys = masks.padding([t - 5], max_len=t)  # (B, 1, 1, S)
+    saved = []
+
+    def pack(x: Tensor) -> Tensor:
+        saved.append(x.numel())
+        return x
+
+    with LargestTensor() as seen, torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = qkv.scaled_dot_product_attention(q, k, v, keys, is_causal=True, impl=impl)
+    out.sum().backward()
+    assert seen.largest * 4 <= t * t
+    n_features = e if impl == "linear" else 256
+    states = (t // CHUNK_SIZE) * b * h * n_features * (e + 1)  # (..., M, Ev + 1) per chunk
+    key_mask_and_w = t + n_features * e  # (Performer's W, read by the past keys' features)
+    assert sum(saved) <= 3 * b * h * t * e + states + key_mask_and_w, saved
+
+
 def test_query_without_keys_outputs_zeros() -> None:
     q, k, v = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
     out = linear_attention(q, k, v, masks.padding([0, 5]))  # every key of row 0 hidden
@@ -172,6 +240,12 @@ def test_split_mask_recognises_the_supported_masks() -> None:
     assert split_mask(masks.causal(4, 5), 4, 5)[0] == "causal"
     kind, key_mask = split_mask(keys & masks.causal(4, 5), 4, 5)
     assert kind == "causal" and key_mask is not None and torch.equal(key_mask, keys)
+    assert split_mask(None, 4, 5, is_causal=True) == ("causal", None)
+    kind, key_mask = split_mask(keys, 4, 5, is_causal=True)
+    assert kind == "causal" and key_mask is keys  # recognised by its shape, not read
+    assert split_mask(masks.causal(4, 5), 4, 5, is_causal=True)[0] == "causal"
+    with pytest.raises(ValueError, match="none of these"):
+        split_mask(masks.sliding_window(5, 2)[1:], 4, 5, is_causal=True)
 
 
 @pytest.mark.parametrize(

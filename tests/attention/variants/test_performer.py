@@ -26,7 +26,10 @@ from qkv.models.gpt import GPT, PRESETS
 from tests.attention.variants.test_linear import (
     CASE_IDS,
     CASES,
+    CAUSAL_IDS,
+    CAUSAL_LENGTHS,
     HEADS,
+    causal_mask,
     check_against_dense,
     leaves,
     make_mask,
@@ -68,6 +71,25 @@ def test_fast_forms_equal_dense_form(
     dense = dense_performer(*dense_leaves, mask, w)  # (B, H, T, Ev)
     assert fast.dtype == dtype and fast.shape == (2, h, t, 6)
     check_against_dense(fast, dense, fast_leaves, dense_leaves, ATOL[dtype])
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["causal", "causal_padding"])
+@pytest.mark.parametrize("heads", ["mha", "gqa"])
+@pytest.mark.parametrize(("t", "s"), CAUSAL_LENGTHS, ids=CAUSAL_IDS)
+def test_is_causal_through_dispatcher_equals_dense_form(
+    t: int, s: int, heads: str, padding: bool
+) -> None:
+    """``is_causal=True`` (with a (B, 1, 1, S) key padding mask or none) reaches the backend as
+    a flag; outputs and gradients equal the dense form with the causal mask built out."""
+    h, kv = HEADS[heads]
+    q, k, v = torch.randn(2, h, t, E), torch.randn(2, kv, s, E), torch.randn(2, kv, s, 6)
+    keys = masks.padding(torch.rand(2, s) > 0.3) if padding else None  # (B, 1, 1, S)
+    dense_mask = causal_mask(t, s) if keys is None else keys & causal_mask(t, s)
+    dense_leaves, fast_leaves = leaves(q, k, v, dtype=torch.float64), leaves(q, k, v, dtype=q.dtype)
+    w = cached_random_features(E, DEFAULT_FEATURES, torch.device("cpu"), torch.float64)
+    dense = dense_performer(*dense_leaves, dense_mask, w)  # (B, H, T, Ev)
+    fast = qkv.scaled_dot_product_attention(*fast_leaves, keys, is_causal=True, impl="performer")
+    check_against_dense(fast, dense, fast_leaves, dense_leaves, ATOL[torch.float32])
 
 
 def test_registered_backend_is_deterministic() -> None:

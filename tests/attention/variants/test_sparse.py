@@ -195,6 +195,24 @@ def test_memory_grows_with_t_times_window_not_t_squared() -> None:
     assert largest <= b * h * max(t * e, block * t)
 
 
+def test_backward_keeps_only_q_k_v() -> None:
+    """Autograd keeps q, k and v for the backward, which recomputes each block's scores; the
+    plain loop keeps each block's weights twice, 2 x T x (window + block) x H numbers."""
+    b, h, t, e = 1, 2, 1024, 16
+    layout = BlockLayout.sliding_window(t, 128, 64)
+    q, k, v = (torch.randn(b, h, t, e, requires_grad=True) for _ in range(3))
+    saved: dict[str, list[int]] = {"attention": [], "loop": []}
+    for name, fn in (("attention", block_sparse_attention), ("loop", block_sparse_loop)):
+        hooks = torch.autograd.graph.saved_tensors_hooks(
+            lambda x, name=name: saved[name].append(x.numel()) or x, lambda x: x
+        )
+        with hooks:
+            out = fn(q, k, v, layout)
+        out.sum().backward()
+    assert sum(saved["attention"]) <= 3 * b * h * t * e
+    assert sum(saved["loop"]) >= 2 * b * h * t * 128  # the comparison can fail
+
+
 def test_memory_at_16k_tokens_without_a_dense_mask() -> None:
     t, window, block = 16384, 64, 64
     layout = BlockLayout.sliding_window(t, window, block, causal=False)

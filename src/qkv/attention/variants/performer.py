@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +42,8 @@ from torch import Tensor
 from qkv.attention.backends import register_backend
 from qkv.attention.core import reference_attention
 from qkv.attention.variants.linear import (
+    CHUNK_SIZE,
+    FeatureMap,
     dense_kernel_attention,
     fast_kernel_attention,
     reject_bias_and_dropout,
@@ -51,6 +53,7 @@ __all__ = [
     "DEFAULT_FEATURES",
     "cached_random_features",
     "draw_random_features",
+    "key_shift",
     "performer_attention",
     "performer_error_curve",
     "performer_features",
@@ -116,28 +119,66 @@ def cached_random_features(
 
 
 # --8<-- [start:features]
-def performer_features(x: Tensor, w: Tensor, *, is_query: bool) -> Tensor:
+def performer_features(
+    x: Tensor, w: Tensor, *, is_query: bool, shift: Tensor | None = None
+) -> Tensor:
     """φ(x) = exp(W x - |x|²/2 - c) / sqrt(M), with the stabiliser c of the module docstring.
 
     Args:
         x: queries or keys, already multiplied by sqrt(scale), (..., N, E).
         w: random features W, (M, E).
         is_query: c per row (queries) or one per sequence, over all N rows (keys).
+        shift: c itself, (..., 1, 1), for keys given a chunk at a time (``key_shift``).
 
     Returns:
         φ(x), (..., N, M), positive (keys far below the largest may round to 0).
     """
     log_phi = x @ w.T - (x * x).sum(-1, keepdim=True) / 2  # (..., N, M)
-    dims = (-1,) if is_query else (-2, -1)
-    c = log_phi.amax(dim=dims, keepdim=True).detach()  # (..., N, 1) or (..., 1, 1); cancels
-    return torch.exp(log_phi - c) / math.sqrt(w.shape[0])  # (..., N, M)
+    if shift is None:
+        dims = (-1,) if is_query else (-2, -1)
+        shift = log_phi.amax(dim=dims, keepdim=True).detach()  # (..., N, 1) or (..., 1, 1)
+    return torch.exp(log_phi - shift) / math.sqrt(w.shape[0])  # (..., N, M)
 
 
 # --8<-- [end:features]
 
 
-def _scaled(q: Tensor, k: Tensor, w: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
-    """φ(q * sqrt(scale)), φ(k * sqrt(scale)): exp(scale q·k) = exp((√scale q)·(√scale k))."""
+def key_shift(k: Tensor, w: Tensor, *, root: float = 1.0, rows: int = 1024) -> Tensor:
+    """The keys' stabiliser c, (..., 1, 1): the largest log-feature of the keys k * ``root``,
+    read ``rows`` keys at a time (no (S, M) tensor) and without gradient (it cancels)."""
+
+    def largest(k_c: Tensor) -> Tensor:
+        x = k_c * root  # (..., R, E)
+        log_phi = x @ w.T - (x * x).sum(-1, keepdim=True) / 2  # (..., R, M)
+        return log_phi.amax(dim=(-2, -1), keepdim=True)  # (..., 1, 1)
+
+    with torch.no_grad():
+        return functools.reduce(torch.maximum, map(largest, k.split(rows, dim=-2)))
+
+
+def _scaled_maps(
+    q: Tensor, w: Tensor, scale: float | None
+) -> tuple[FeatureMap, Callable[[Tensor], FeatureMap]]:
+    """The feature maps of ``fast_kernel_attention``: x -> φ(x sqrt(scale)) for queries, and
+    for keys the same with their shared stabiliser c (module docstring)."""
+    root = _root_scale(q, w, scale)
+
+    def feature_q(x: Tensor) -> Tensor:
+        return performer_features(x * root, w, is_query=True)  # (..., N, M)
+
+    def key_feature_map(k: Tensor) -> FeatureMap:
+        shift = key_shift(k, w, root=root)  # (..., 1, 1)
+
+        def feature_k(x: Tensor) -> Tensor:
+            return performer_features(x * root, w, is_query=False, shift=shift)  # (..., N, M)
+
+        return feature_k
+
+    return feature_q, key_feature_map
+
+
+def _root_scale(q: Tensor, w: Tensor, scale: float | None) -> float:
+    """sqrt(scale), after checking W and the scale: exp(scale q·k) = exp((√scale q)·(√scale k))."""
     if w.dim() != 2 or w.shape[0] < 1 or w.shape[1] != q.shape[-1]:
         raise ValueError(
             f"random features must be (M, E) with M >= 1 and E = {q.shape[-1]} (the head dim), "
@@ -146,7 +187,12 @@ def _scaled(q: Tensor, k: Tensor, w: Tensor, scale: float | None) -> tuple[Tenso
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if scale <= 0:
         raise ValueError(f"Performer approximates exp(scale q·k) and needs scale > 0, got {scale}")
-    root = scale**0.5  # E^-1/4 by default
+    return scale**0.5  # E^-1/4 by default
+
+
+def _scaled(q: Tensor, k: Tensor, w: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
+    """φ(q * sqrt(scale)), φ(k * sqrt(scale)): exp(scale q·k) = exp((√scale q)·(√scale k))."""
+    root = _root_scale(q, w, scale)
     return performer_features(q * root, w, is_query=True), performer_features(
         k * root, w, is_query=False
     )  # (..., T, M), (..., S, M)
@@ -182,7 +228,8 @@ def performer_attention(
     seed: int = 0,
     orthogonal: bool = True,
     features: Tensor | None = None,
-    chunk_size: int = 64,
+    is_causal: bool = False,
+    chunk_size: int = CHUNK_SIZE,
 ) -> Tensor:
     """softmax(q k^T * scale, masked) v, approximated with M positive random features.
 
@@ -195,7 +242,9 @@ def performer_attention(
             seed, orthogonal) and cached.
         seed: the seed of those features.
         orthogonal: orthogonal random features (FAVOR+) rather than independent ones.
-        features: W (M, E) to use instead (e.g. from ``draw_random_features``).
+        features: W (M, E) to use instead (e.g. from ``draw_random_features``); it gets no
+            gradient (random features are drawn, not learned).
+        is_causal: also apply the causal mask (bottom-right aligned), without building it.
         chunk_size: queries per chunk of the causal form.
 
     Returns:
@@ -207,9 +256,18 @@ def performer_attention(
             raise ValueError(f"Performer needs at least one random feature, got {n_features}")
         w = cached_random_features(q.shape[-1], n_features, q.device, dtype, seed, orthogonal)
     else:
-        w = features.to(device=q.device, dtype=dtype)  # (M, E)
-    phi_q, phi_k = _scaled(q.to(dtype), k.to(dtype), w, scale)  # (..., T, M), (..., S, M)
-    out = fast_kernel_attention(phi_q, phi_k, v.to(dtype), mask, chunk_size=chunk_size)
+        w = features.detach().to(device=q.device, dtype=dtype)  # (M, E)
+    feature_q, key_feature_map = _scaled_maps(q, w, scale)
+    out = fast_kernel_attention(
+        q.to(dtype),
+        k.to(dtype),
+        v.to(dtype),
+        mask,
+        feature_q=feature_q,
+        key_feature_map=key_feature_map,
+        is_causal=is_causal,
+        chunk_size=chunk_size,
+    )
     return out.to(v.dtype)  # (..., T, Ev)
 
 
@@ -222,13 +280,14 @@ def performer_backend(
     bias: Tensor | None,
     scale: float | None,
     dropout_p: float,
+    is_causal: bool = False,
 ) -> tuple[Tensor, None]:
     """``performer_attention`` under the backend signature: M = 256, seed 0, orthogonal."""
     reject_bias_and_dropout("performer", bias, dropout_p)
-    return performer_attention(q, k, v, mask, scale=scale), None
+    return performer_attention(q, k, v, mask, scale=scale, is_causal=is_causal), None
 
 
-register_backend("performer", performer_backend, grouped_kv=True)
+register_backend("performer", performer_backend, grouped_kv=True, causal=True)
 
 
 def performer_error_curve(

@@ -231,6 +231,46 @@ def _expand_ts(x: Tensor, t: int, s: int) -> Tensor:
 
 
 # --8<-- [start:loop]
+def _block_attention(
+    q_b: Tensor,
+    k_i: Tensor,
+    v_i: Tensor,
+    allowed: Tensor,
+    scale: float,
+    bias_b: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """The reference's steps for one query block (..., Tb, E) and its kept keys (..., Sk, E)."""
+    # 1-2. Scores of this query block against its kept keys only, scaled in float32.
+    scores = q_b @ k_i.transpose(-2, -1)  # (..., Tb, Sk)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    # 3. The bias of the same (query, key) pairs.
+    if bias_b is not None:
+        scores = scores + bias_b.to(scores.dtype)  # (..., Tb, Sk)
+    # 4. Inside a kept tile the exact mask still holds.
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)  # (..., Tb, Sk)
+    # 5-6. Softmax over the kept keys; masked keys and fully masked rows get zero weight.
+    weights = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)  # (..., Tb, Sk)
+    # 7. Dropout (training only).
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)  # (..., Tb, Sk)
+    # 8. Weighted sum of the kept values.
+    return weights.to(v_i.dtype) @ v_i  # (..., Tb, Ev)
+
+
+def _kept_keys(layout: BlockLayout, i: int, device: torch.device) -> slice | Tensor:
+    """The keys query block i keeps: a slice when they are one run of blocks, else positions."""
+    kept = layout.kv_blocks[i]
+    if kept[-1] - kept[0] + 1 == len(kept):  # one run of blocks: a view, no copy
+        return slice(kept[0] * layout.block, min((kept[-1] + 1) * layout.block, layout.s))
+    return layout.key_positions(i, device)  # (Sk,)
+
+
+def _take(x: Tensor, keys: slice | Tensor) -> Tensor:
+    """Rows ``keys`` of x (..., S, E): a view for a slice, a copy for positions. (..., Sk, E)."""
+    return x[..., keys, :] if isinstance(keys, slice) else x.index_select(-2, keys)
+
+
 def block_sparse_loop(
     q: Tensor,
     k: Tensor,
@@ -244,8 +284,9 @@ def block_sparse_loop(
     """Attention over the kept tiles only, one query block at a time: the version to read.
 
     Must match ``reference_attention(q, k, v, layout.dense_mask(), bias=bias)``: the same seven
-    steps, on the keys one query block keeps instead of all S. Autograd keeps each block's
-    weights, (..., block, kept keys): memory grows with T x kept keys, not T x S.
+    steps (``_block_attention``), on the keys one query block keeps instead of all S. Autograd
+    keeps each block's weights, (..., block, kept keys): memory grows with T x kept keys, not
+    T x S (``block_sparse_attention`` recomputes them in the backward instead).
 
     Args:
         q: queries, (..., T, E).
@@ -270,32 +311,73 @@ def block_sparse_loop(
             continue
         q_pos = torch.arange(lo, hi, device=q.device)  # (Tb,)
         k_pos = layout.key_positions(i, q.device)  # (Sk,)
-        if kept[-1] - kept[0] + 1 == len(kept):  # one run of blocks: a view, no copy
-            first, end = kept[0] * layout.block, min((kept[-1] + 1) * layout.block, layout.s)
-            k_i, v_i = k[..., first:end, :], v[..., first:end, :]  # (..., Sk, E)
-        else:
-            k_i, v_i = k.index_select(-2, k_pos), v.index_select(-2, k_pos)  # (..., Sk, E)
-
-        # 1-2. Scores of this query block against its kept keys only, scaled in float32.
-        scores = q[..., lo:hi, :] @ k_i.transpose(-2, -1)  # (..., Tb, Sk)
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
-        # 3. The bias of the same (query, key) pairs.
-        if full_bias is not None:
-            scores = scores + full_bias[..., q_pos[:, None], k_pos[None, :]].to(scores.dtype)
-        # 4. Inside a kept tile the exact mask still holds.
+        keys = _kept_keys(layout, i, q.device)
+        k_i, v_i = _take(k, keys), _take(v, keys)  # (..., Sk, E), (..., Sk, Ev)
+        bias_b = None if full_bias is None else full_bias[..., q_pos[:, None], k_pos[None, :]]
         allowed = layout.rule(q_pos[:, None], k_pos[None, :])  # (..., Tb, Sk)
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)  # (..., Tb, Sk)
-        # 5-6. Softmax over the kept keys; masked keys and fully masked rows get zero weight.
-        weights = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)  # (..., Tb, Sk)
-        # 7. Dropout (training only).
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)  # (..., Tb, Sk)
-        # 8. Weighted sum of the kept values.
-        outs.append(weights.to(v.dtype) @ v_i)  # (..., Tb, Ev)
+        outs.append(_block_attention(q[..., lo:hi, :], k_i, v_i, allowed, scale, bias_b, dropout_p))
     return torch.cat(outs, dim=-2)  # (..., T, Ev)
 
 
 # --8<-- [end:loop]
+
+
+class _RecomputedBlocks(torch.autograd.Function):
+    """``block_sparse_loop`` (no bias, no dropout) keeping only q, k and v for the backward.
+
+    Autograd through the loop keeps every block's weights, T x (kept keys) x H numbers twice
+    over (the softmax's output and the masked weights): 2 x 16384 x 320 x 8 float32 = 320 MiB
+    for a window of 256 keys in blocks of 64 at T = 16384, 8 heads. Here the backward recomputes
+    one block's scores at a time (as FlashAttention does) and adds its gradients into dq, dk, dv
+    in place (autograd's slicing would add a zero-filled copy of the whole of q, k or v per
+    block). Must match ``block_sparse_loop``, outputs and gradients.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layout: BlockLayout,
+        scale: float | None,
+    ) -> Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.layout, ctx.scale = layout, scale  # type: ignore[attr-defined]
+        return block_sparse_loop(q, k, v, layout, scale=scale)  # (..., T, Ev)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        q, k, v = ctx.saved_tensors  # type: ignore[attr-defined]
+        layout: BlockLayout = ctx.layout  # type: ignore[attr-defined]
+        scale = q.shape[-1] ** -0.5 if ctx.scale is None else ctx.scale  # type: ignore[attr-defined]
+        grad_q, grad_k, grad_v = (torch.zeros_like(x) for x in (q, k, v))
+        for i, kept in enumerate(layout.kv_blocks):
+            if not kept:  # zeros out, zero gradients
+                continue
+            rows = slice(i * layout.block, min((i + 1) * layout.block, layout.t))
+            q_pos = torch.arange(rows.start, rows.stop, device=q.device)  # (Tb,)
+            allowed = layout.rule(q_pos[:, None], layout.key_positions(i, q.device)[None, :])
+            keys = _kept_keys(layout, i, q.device)
+            with torch.enable_grad():
+                q_b = q[..., rows, :].detach().requires_grad_()  # (..., Tb, E)
+                k_i, v_i = (_take(x, keys).detach().requires_grad_() for x in (k, v))
+                out = _block_attention(q_b, k_i, v_i, allowed, scale)  # (..., Tb, Ev)
+                d_q, d_k, d_v = torch.autograd.grad(out, (q_b, k_i, v_i), grad_out[..., rows, :])
+            grad_q[..., rows, :] = d_q
+            if isinstance(keys, slice):
+                grad_k[..., keys, :] += d_k
+                grad_v[..., keys, :] += d_v
+            else:
+                grad_k.index_add_(-2, keys, d_k)
+                grad_v.index_add_(-2, keys, d_v)
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grads = (
+            g if need else None for g, need in zip((grad_q, grad_k, grad_v), needs[:3], strict=True)
+        )
+        return *grads, None, None
 
 
 def flex_block_sparse(
@@ -419,7 +501,9 @@ def block_sparse_attention(
         _warn_fallback(why_not)
     n_rep = q.shape[-3] // k.shape[-3] if q.dim() >= 4 else 1
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, E)
-    return block_sparse_loop(q, k, v, layout, scale=scale)
+    out = _RecomputedBlocks.apply(q, k, v, layout, scale)  # block_sparse_loop, lean backward
+    assert isinstance(out, Tensor)
+    return out  # (..., T, Ev)
 
 
 # The block size of the registered backend: 64 positions a tile.
