@@ -6,7 +6,7 @@ forward and forward+backward, each implementation is timed and its peak memory m
 
     reference     core.reference_attention: all T x T scores and weights, the version to read
     sdpa          PyTorch's fused kernel (the baseline)
-    tiled         variants/tiled.py: exact, in 64 x 64 tiles with an online softmax
+    tiled         variants/tiled.py: exact, in 128 x 256 tiles with an online softmax
     block_sparse  variants/sparse.py: a causal sliding window of 256 keys, computed on the kept
                   tiles of a ``BlockLayout.sliding_window`` (no T x T mask is ever built);
                   exact for the window, which is not full causal attention
@@ -124,18 +124,15 @@ def needs_bytes(impl: str, t: int, dtype: torch.dtype) -> int:
     weights, masked weights. Measured on the CPU (T=1024 to 4096), one call's peak is about 3.1
     of them in float32, forward or forward+backward (autograd keeps 2, and backward frees as it
     goes), and 3.6 in bfloat16 (the scores and weights in bfloat16 too); counted here as 3.5
-    and 4. A backend that does not apply causality itself gets
-    the dispatcher's (T, T) boolean causal mask, and linear attention compares it with a
-    (T, T) mask of its own (``linear.split_mask``). The rest grows with T: inputs, outputs and
-    gradients, a few (B, H, T, E) tensors, counted generously.
+    and 4, plus the dispatcher's (T, T) boolean causal mask, which it gets because it does not
+    apply causality itself. The other backends apply it from positions, so the rest grows with
+    T: inputs, outputs and gradients, a few (B, H, T, E) tensors, counted generously.
     """
     pairs = B * H * t * t  # elements of one (B, H, T, T) tensor
     linear_part = 16 * B * H * t * E * 4
     if impl == "reference":
         copies = 3.5 if dtype.itemsize >= 4 else 4.0
         return int(copies * pairs * 4) + t * t + linear_part
-    if impl in ("tiled", "linear", "performer"):
-        return (4 if impl != "tiled" else 1) * t * t + linear_part
     return linear_part
 
 
