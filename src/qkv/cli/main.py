@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qkv.cli.env",
     "qkv.cli.exercises",
     "qkv.cli.explain",
+    "qkv.cli.quantize",
     "qkv.cli.rag",
     "qkv.cli.tokenizer",
     "qkv.cli.train",

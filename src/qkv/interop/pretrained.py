@@ -21,7 +21,13 @@ import torch
 from torch import Tensor
 
 from qkv._io import atomic_write
+from qkv.blocks.quant import quantization_of
 from qkv.interop.files import CheckpointError, read_config, read_weights, write_checkpoint
+from qkv.interop.quantized import (
+    QUANTIZATION_KEY,
+    prepare_for_quantized_weights,
+    without_tied_copies,
+)
 from qkv.interop.registry import (
     converter_for_class,
     converter_for_model_type,
@@ -197,6 +203,8 @@ def from_pretrained(
         config = converter.config_from_hf(hf_config)
         tensors = converter.weights_from_hf(read_weights(directory), config)
     model = model_class(config)
+    if QUANTIZATION_KEY in hf_config:  # int8/int4 layers (qkv quantize): see quantized.py
+        prepare_for_quantized_weights(model, hf_config[QUANTIZATION_KEY], tensors)
     load_state_dict_strict(model, tensors)
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
@@ -225,8 +233,9 @@ def save_pretrained(
     """
     out = Path(directory)
     converter = converter_for_class(type(model))
+    quantization = quantization_of(model)  # quantised models: qkv's own layout (quantized.py)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if converter is not None:
+    if converter is not None and quantization is None:
         config = converter.config_to_hf(model.config)
         tensors = converter.weights_to_hf(state, model.config)
     else:
@@ -238,6 +247,9 @@ def save_pretrained(
             "config": model_config_to_dict(model.config),
         }
         tensors = state
+        if quantization is not None:
+            config[QUANTIZATION_KEY] = quantization.to_dict()
+            tensors = without_tied_copies(model, state)  # a tied head is stored once
     write_checkpoint(out, config, tensors)
     if tokenizer is not None:
         atomic_write(out / TOKENIZER_NAME, lambda tmp: tokenizer.save(tmp))
