@@ -27,6 +27,10 @@ TOY: dict[str, dict[str, Any]] = {
     "t5-tasks": {"model.d_model": 32, "model.n_layers": 1, "model.d_kv": 8, "model.d_ff": 64,
                  "data.num_examples": 16, "eval.generate_examples": 4},
     "vit-digits": {"model.d_model": 32, "model.n_layers": 1, "model.d_ff": 64},
+    # from scratch at toy size (tests/train/test_finetune.py runs it from MiniLM)
+    "minilm-classify": {"model.init_from": "", "data.tokenizer": "wordpiece",
+                        "data.vocab_size": 300, "optim.head_lr": 0, "model.d_model": 32,
+                        "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 64},
 }  # fmt: skip
 COMMON = {
     "train.max_steps": 2, "train.max_time": "", "train.batch_size": 4, "train.eval_every": 0,

@@ -4,6 +4,8 @@
     qkv train --preset gpt-char --model.n_layers 2 --train.max_steps 10 --out runs/toy
     qkv train --config my.yaml --max-time 90s               a YAML file of the same shape
     qkv train --resume runs/toy --train.max_steps 20       continue from the last checkpoint
+    qkv train --preset gpt-char --model.d_model 64 --distill.teacher runs/big   learn from runs/big
+    qkv train --preset minilm-classify --lora.rank 8       fine-tune MiniLM through LoRA
     qkv eval runs/toy                                      validation metrics of final/
     qkv sample runs/toy --prompt "The " --temperature 0.8  sample from a trained LM
 
@@ -207,6 +209,8 @@ def _build_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         overrides["train.max_time"] = args.max_time
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps
+    if args.init_from is not None:  # --init-from minilm: model.init_from
+        overrides["model.init_from"] = args.init_from
     if args.device is not None:  # --device cpu: train.device
         overrides["train.device"] = args.device
     if args.resume:
@@ -342,6 +346,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     train.add_argument("--max-time", help="wall-clock budget such as 90s, 3m, 1h (train.max_time)")
     train.add_argument("--max-steps", type=int, help="step budget (train.max_steps)")
+    train.add_argument(
+        "--init-from", metavar="CHECKPOINT",
+        help="start from pretrained weights (model.init_from): a run directory, a checkpoint "
+        "directory or a packaged name such as minilm",
+    )  # fmt: skip
     train.add_argument(
         "--device", choices=["auto", "cpu", "cuda"],
         help="where to train (train.device): auto takes a GPU per process if there are enough",

@@ -4,7 +4,8 @@ Read in this order: ``config`` (what to train on, and the ``DataSource`` protoco
 ``tokenizers`` (text to ids), ``corpora`` (where text comes from), ``tokens`` (a corpus
 tokenized once into memory-mapped files), then one module per kind of batch: ``windows``
 (language modelling), ``tasks`` / ``parallel`` / ``seq2seq`` (sequence to sequence),
-``images`` (digits for a ViT); ``build`` puts them together from a ``DataConfig``.
+``images`` (digits for a ViT), ``topics`` (paragraphs of Python's docs to classify); ``build``
+puts them together from a ``DataConfig``.
 """
 
 from qkv.data.build import build_data, build_tokenizer

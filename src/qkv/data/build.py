@@ -5,6 +5,7 @@
     seq2seq   copy, reverse, sort, dates           ->  Seq2SeqSource drawing task examples
     seq2seq   a .tsv or .jsonl file of pairs       ->  Seq2SeqSource over the file's pairs
     images    digits                               ->  DigitsImages (no tokenizer)
+    classify  python-topics                        ->  TopicParagraphs (paragraphs, labels)
 
 Tokenizers are built from the training data: a character vocabulary from the whole corpus (it
 is an alphabet, not learned statistics, so validation text has no unknown characters), BPE and
@@ -41,6 +42,7 @@ from qkv.data.tokenizers import (
     train_wordpiece,
 )
 from qkv.data.tokens import Progress, TokenFiles, tokenize_to_file, val_start
+from qkv.data.topics import TopicParagraphs, in_validation, topic_examples
 from qkv.data.windows import TokenWindows
 
 __all__ = ["DEFAULT_NUM_EXAMPLES", "DEFAULT_VOCAB_SIZE", "build_data", "build_tokenizer"]
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 TRAINED_KINDS = ("char", "bpe", "wordpiece")
 DEFAULT_VOCAB_SIZE = {"bpe": 4096, "wordpiece": 4096}
 DEFAULT_NUM_EXAMPLES = 500  # synthetic tasks' validation set
+TOPICS_CORPUS = "python-topics"  # the only classification corpus (qkv.data.topics)
 _REJECTION_TRIES = 50  # draws of a training pair that avoid the validation sources
 
 
@@ -143,6 +146,8 @@ def build_data(
         return images, None
     if config.kind == "seq2seq":
         return _build_seq2seq(config, cache)
+    if config.kind == "classify" or corpus == TOPICS_CORPUS:
+        return _build_topics(config, cache)
     if corpus in SYNTHETIC_TASKS or Path(corpus).suffix.lower() in PARALLEL_SUFFIXES:
         raise ValueError(f"corpus {corpus!r} holds (source, target) pairs: set kind='seq2seq'")
     text = resolve_text_corpus(corpus, config.max_bytes)
@@ -184,6 +189,30 @@ def _text_tokenizer(
         cache_dir=cache,
         cache_key=key,
     )
+
+
+def _build_topics(config: DataConfig, cache: Path) -> tuple[TopicParagraphs, Tokenizer]:
+    """The python-topics classification task; a trained tokenizer sees only training text."""
+    if config.kind != "classify" or config.corpus != TOPICS_CORPUS:
+        raise ValueError(
+            f"text classification reads only corpus={TOPICS_CORPUS!r} with kind='classify' "
+            f"(got kind={config.kind!r}, corpus={config.corpus!r})"
+        )
+    examples = topic_examples()
+    train_texts = [e.text for e in examples if not in_validation(e.text, config.val_fraction)]
+    digest = hashlib.sha256("\n\n".join(train_texts).encode()).hexdigest()
+    tokenizer = build_tokenizer(
+        config.tokenizer,
+        lambda: iter(train_texts),
+        vocab_size=config.vocab_size,
+        cache_dir=cache,
+        cache_key={"corpus": TOPICS_CORPUS, "train_sha256": digest},
+    )
+    source = TopicParagraphs(
+        tokenizer, specials=special_ids(tokenizer), seq_len=config.seq_len,
+        val_fraction=config.val_fraction, examples=examples,
+    )  # fmt: skip
+    return source, tokenizer
 
 
 def _synthetic_val_pairs(task: str, n: int, seed: int, max_len: int) -> list[tuple[str, str]]:

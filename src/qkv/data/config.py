@@ -13,6 +13,7 @@ Batch dictionaries by kind (CPU tensors; ids are int64):
     mlm       input_ids (B, T), attention_mask (B, T)        masking is the trainer's job
     seq2seq   input_ids (B, S), attention_mask (B, S), labels (B, T), decoder_attention_mask (B, T)
     images    pixel_values (B, C, H, W) float32, labels (B,)
+    classify  input_ids (B, T), attention_mask (B, T), labels (B,)     one class per text
 
 Shape legend: B batch · T target (or window) positions · S source positions · C channels.
 """
@@ -28,8 +29,8 @@ import torch
 
 __all__ = ["DataConfig", "DataKind", "DataSource", "step_generator"]
 
-DataKind = Literal["lm", "mlm", "seq2seq", "images"]
-KINDS: tuple[str, ...] = ("lm", "mlm", "seq2seq", "images")
+DataKind = Literal["lm", "mlm", "seq2seq", "images", "classify"]
+KINDS: tuple[str, ...] = ("lm", "mlm", "seq2seq", "images", "classify")
 
 
 # --8<-- [start:config]
@@ -38,10 +39,13 @@ class DataConfig:
     """Which corpus, which tokenizer, and how it is cut into training examples."""
 
     kind: DataKind = "lm"
-    # A built-in name (python-docs, python-code, digits, copy, reverse, sort, dates), a path,
-    # folder or glob of UTF-8 text files, or a .tsv / .jsonl file of parallel text (seq2seq).
+    # A built-in name (python-docs, python-code, python-topics, digits, copy, reverse, sort,
+    # dates), a path, folder or glob of UTF-8 text files, or a .tsv / .jsonl file of
+    # parallel text (seq2seq).
     corpus: str = "python-docs"
-    tokenizer: str = "char"  # "char" | "bpe" | "wordpiece" | path to a tokenizer.json
+    # "char" | "bpe" | "wordpiece" | path to a tokenizer.json | "checkpoint": the tokenizer of
+    # the run's model.init_from (qkv.train resolves it to that path)
+    tokenizer: str = "char"
     vocab_size: int = 0  # target size for bpe / wordpiece training; 0 picks a default
     seq_len: int = 256  # tokens per window (lm, mlm); longest sequence (seq2seq)
     val_fraction: float = 0.1  # the LAST fraction of the text (or pairs, or a digits split)

@@ -2,7 +2,9 @@
 
 Read in this order: ``config`` (a run as typed data), ``schedule`` (learning rate over time),
 ``optim`` (AdamW and which parameters decay), ``objectives`` (what is predicted and the loss),
-``build`` (model, objective and precision from a config), ``evaluate`` (validation metrics,
+``distill`` (a teacher's softened predictions in the loss),
+``build`` (model, objective and precision from a config), ``finetune`` (starting from pretrained
+weights: new heads, frozen parameters, LoRA), ``evaluate`` (validation metrics,
 samples), ``checkpoint`` (atomic, resumable checkpoints), ``rundir`` (the run directory and
 what may change on resume), ``distributed`` (DDP and FSDP2), ``metrics`` (CSV, TensorBoard, the
 loss curve), ``state`` (a run's parts and progress), ``loop`` (all of it together), ``presets``
@@ -18,8 +20,10 @@ Example:
 
 from qkv.train.config import (
     ConfigError,
+    DistillConfig,
     EvalConfig,
     LoopConfig,
+    LoRAConfig,
     ModelSpec,
     OptimConfig,
     ScheduleConfig,
@@ -35,7 +39,9 @@ from qkv.train.presets import list_presets, load_preset
 
 __all__ = [
     "ConfigError",
+    "DistillConfig",
     "EvalConfig",
+    "LoRAConfig",
     "LoopConfig",
     "ModelSpec",
     "OptimConfig",

@@ -9,6 +9,7 @@ initialised from ``train.seed``, the same weights on every rank. The objective f
     mlm      MaskedLM         bf16   bfloat16 autocast (an error on a GPU without bfloat16)
     seq2seq  Seq2Seq          auto   bfloat16 where it is native (GPUs that have it, CPUs with
     images   Classification          AVX512-BF16 / AMX / Arm BF16), float32 elsewhere
+    classify Classification
 
 ``train.deterministic`` switches PyTorch to deterministic kernels for the run.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,14 +140,27 @@ _FROM_SOURCE = {
 }
 
 
-def resolve_model_config(config: TrainConfig, source: DataSource) -> Any:
-    """The family's config with what the data decide filled in (see ``ModelSpec``)."""
+# Of those, the ones the task decides even when a pretrained checkpoint gives the architecture.
+_FROM_TASK = ("num_labels", "image_size", "num_channels")
+
+
+def resolve_model_config(
+    config: TrainConfig, source: DataSource, base: Mapping[str, Any] | None = None
+) -> Any:
+    """The family's config with what the data decide filled in (see ``ModelSpec``).
+
+    ``base`` is a pretrained checkpoint's config (``model.init_from``): it is then the starting
+    point, the preset's options change it, and the data decide only ``_FROM_TASK``.
+    """
     model_class = FAMILIES[config.model.family]
     fields = {f.name for f in dataclasses.fields(model_class.config_class)}
-    options = dict(config.model.options)
+    options = {**(base or {}), **config.model.options}
     for name, attribute in _FROM_SOURCE.items():
         value = getattr(source, attribute, None)
-        if name in fields and options.get(name) in (None, 0) and value is not None:
+        given = config.model.options.get(name) not in (None, 0)
+        if base is not None and name not in _FROM_TASK:
+            continue
+        if name in fields and not given and value is not None:
             options[name] = value
     if "max_seq_len" in fields and "max_seq_len" not in options:
         options["max_seq_len"] = config.data.seq_len
@@ -171,15 +185,18 @@ def resolve_model_config(config: TrainConfig, source: DataSource) -> Any:
     return model_config
 
 
-def build_model(config: TrainConfig, source: DataSource) -> QkvModel:
-    """The model, initialised from ``train.seed`` (the same weights on every rank)."""
-    model_config = resolve_model_config(config, source)
+def build_model(
+    config: TrainConfig, source: DataSource, base: Mapping[str, Any] | None = None
+) -> QkvModel:
+    """The model, initialised from ``train.seed`` (the same weights on every rank); ``base``:
+    the architecture of a pretrained checkpoint (see ``resolve_model_config``)."""
+    model_config = resolve_model_config(config, source, base)
     torch.manual_seed(config.train.seed)
     return FAMILIES[config.model.family](model_config)
 
 
 def build_objective(config: TrainConfig, source: DataSource, model_config: Any) -> Objective:
-    """The objective for ``data.kind``: lm, mlm, seq2seq or images."""
+    """The objective for ``data.kind``: lm, mlm, seq2seq, images or classify."""
     kind = config.data.kind
     if kind == "lm":
         return CausalLM(bits_per_char=config.data.tokenizer == "char")
@@ -210,7 +227,9 @@ def build_objective(config: TrainConfig, source: DataSource, model_config: Any) 
             decoder_start_token_id=start, pad_token_id=pad,
             label_smoothing=config.train.label_smoothing,
         )  # fmt: skip
-    return Classification(label_smoothing=config.train.label_smoothing)
+    return Classification(
+        label_smoothing=config.train.label_smoothing, majority_baseline=kind == "classify"
+    )
 
 
 # -- activation checkpointing ---------------------------------------------------------------

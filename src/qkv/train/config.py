@@ -3,13 +3,16 @@
 A run is described by one ``TrainConfig`` made of sections, each a frozen dataclass::
 
     model:    family + the fields of that family's config (vocab_size may be left 0: the
-              tokenizer decides it; ViT's image size, channels and labels come from the data)
+              tokenizer decides it; ViT's image size, channels and labels come from the data);
+              ``init_from`` starts from a pretrained checkpoint (``qkv.train.finetune``)
     data:     qkv.data.DataConfig (corpus, tokenizer, sequence length, split)
     optim:    AdamW's learning rate, betas, weight decay, gradient clipping
     schedule: warmup + cosine, or the 2017 paper's inverse square root
     train:    batch size, accumulation, step and time budgets, evaluation and checkpoint cadence,
               precision, compile, activation checkpointing, seed, distributed mode
     eval:     how many examples to decode for exact match/BLEU, the sample prompt
+    lora:     low-rank adapters on the layers named by targets (``qkv.blocks.lora``); off at rank 0
+    distill:  a teacher to learn from, its temperature and weight (``qkv.train.distill``)
 
 The same data come from a preset (a small YAML file), a ``--config`` file and ``--section.key
 value`` overrides, merged in that order (``merge_overrides``) and then checked field by field
@@ -34,7 +37,9 @@ from qkv.models.base import FAMILIES
 
 __all__ = [
     "ConfigError",
+    "DistillConfig",
     "EvalConfig",
+    "LoRAConfig",
     "LoopConfig",
     "ModelSpec",
     "OptimConfig",
@@ -78,10 +83,16 @@ class ModelSpec:
     ``src_vocab_size`` / ``tgt_vocab_size``) from the tokenizer; ``max_seq_len`` from
     ``data.seq_len``; the special token ids from the data source; ViT's ``image_size``,
     ``num_channels`` and ``num_labels`` from the images.
+
+    ``init_from`` names a pretrained checkpoint: a qkv run directory, a checkpoint directory
+    (qkv's or Hugging Face's) or a packaged name such as ``minilm``. Its config is then the
+    architecture, ``options`` change it (a head, dropout) and the data decide only the task's
+    fields (``num_labels``); see ``qkv.train.finetune``.
     """
 
     family: str = "gpt"
     options: Mapping[str, Any] = field(default_factory=dict)
+    init_from: str = ""  # "": random initialisation from train.seed
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -93,7 +104,7 @@ class ModelSpec:
         if unknown:
             raise ConfigError(
                 f"unknown key model.{unknown[0]} for family {self.family!r}; valid keys: "
-                f"family, {', '.join(sorted(known))}"
+                f"family, init_from, {', '.join(sorted(known))}"
             )
 
 
@@ -107,10 +118,18 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # decoupled; never on norms, biases or embeddings
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    # Parameters that do not train, by name pattern ("tok_emb", "layers.[0-2].*"; a pattern
+    # matches a parameter or any module above it, see qkv.train.finetune.frozen_names)
+    freeze: tuple[str, ...] = ()
+    head_lr: float = 0.0  # peak lr of what model.init_from lacked (the new head); 0: optim.lr
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if self.head_lr < 0:
+            raise ConfigError(f"optim.head_lr must be >= 0 (0: optim.lr), got {self.head_lr}")
+        if any(not p.strip() for p in self.freeze):
+            raise ConfigError(f"optim.freeze has an empty pattern: {list(self.freeze)}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -209,6 +228,43 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """LoRA adapters (Hu et al. 2021, arXiv:2106.09685) on the linear layers ``targets`` names:
+    only they (and the heads model.init_from lacks) train. Off while ``rank`` is 0."""
+
+    rank: int = 0  # r of every adapter; 0: no LoRA
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapters' input while training
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # patterns, as qkv.blocks.lora.matches_target
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank must be >= 0 (0: no LoRA), got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.rank and not [t for t in self.targets if t.strip()]:
+            raise ConfigError("lora.targets names no layer; e.g. --lora.targets q_proj,v_proj")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """Knowledge distillation from a trained teacher (see ``qkv.train.distill``); off while
+    ``teacher`` is empty."""
+
+    teacher: str = ""  # a qkv run directory (its final/ model) or a model directory
+    temperature: float = 2.0  # τ > 0 softens both distributions; the soft loss is scaled by τ²
+    alpha: float = 0.5  # the weight of the soft (teacher) loss; 1 - alpha goes to the labels
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.temperature < float("inf"):
+            raise ConfigError(f"distill.temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One training run: model, data, optimizer, schedule, loop and evaluation settings."""
 
@@ -219,6 +275,27 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1000))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        init, tokenizer = self.model.init_from, self.data.tokenizer
+        if tokenizer == "checkpoint" and not init:
+            raise ConfigError(
+                "data.tokenizer=checkpoint takes the tokenizer of model.init_from, which is not "
+                "set; set --model.init_from (or --init-from) or choose char, bpe or wordpiece"
+            )
+        if init and self.data.kind != "images" and tokenizer in ("char", "bpe", "wordpiece"):
+            raise ConfigError(
+                f"model.init_from={init!r} needs the checkpoint's vocabulary, but "
+                f"data.tokenizer={tokenizer!r} trains a new one on the data; set "
+                "--data.tokenizer checkpoint (or the path of a tokenizer.json)"
+            )
+        if self.optim.head_lr and not init:
+            raise ConfigError(
+                "optim.head_lr is the learning rate of what model.init_from lacks (a new head); "
+                "without model.init_from every parameter is new: set optim.lr instead"
+            )
 
 
 # -- plain data <-> dataclasses ---------------------------------------------------------------
@@ -228,7 +305,9 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     """The config as plain data (what ``config.yaml`` holds); ``config_from_dict`` inverts it."""
     out: dict[str, Any] = {"preset": config.preset}
     out["model"] = {"family": config.model.family, **dict(config.model.options)}
-    for name in ("data", "optim", "schedule", "train", "eval"):
+    if config.model.init_from:
+        out["model"]["init_from"] = config.model.init_from
+    for name in ("data", "optim", "schedule", "train", "eval", "distill", "lora"):
         section = dataclasses.asdict(getattr(config, name))
         out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
     return out
@@ -265,9 +344,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}={value!r} is not valid; use {_type_name(tp)}")
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
+        if not isinstance(value, (list, tuple)) and not (
+            isinstance(value, str) and typing.get_args(tp) == (str, Ellipsis)
+        ):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         args = typing.get_args(tp)
+        if isinstance(value, str) and args == (str, Ellipsis):  # "q_proj,v_proj" on a CLI
+            value = [part.strip() for part in value.split(",") if part.strip()]
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(args) != len(value):
@@ -328,6 +411,8 @@ SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "train": LoopConfig,
     "eval": EvalConfig,
+    "distill": DistillConfig,
+    "lora": LoRAConfig,
 }
 
 
@@ -343,7 +428,13 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
             raise ConfigError(f"unknown key {key!r}; valid top-level keys: {', '.join(valid)}")
     model = dict(data.get("model") or {})
     family = model.pop("family", "gpt")
-    spec = ModelSpec(family=str(family), options=model)
+    init_from = _coerce(model.pop("init_from", ""), str, "model.init_from")
+    if init_from and "family" not in (data.get("model") or {}):
+        raise ConfigError(
+            f"model.init_from={init_from!r} needs model.family too (the checkpoint's family: "
+            "bert for minilm, gpt for a gpt-char run), so that the model's keys can be checked"
+        )
+    spec = ModelSpec(family=str(family), options=model, init_from=init_from)
     sections = {name: _section(cls, data.get(name), name) for name, cls in SECTIONS.items()}
     return TrainConfig(preset=str(data.get("preset", "custom")), model=spec, **sections)
 

@@ -134,7 +134,10 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    source, tokenizer = build_data(config.data, Path(cache_dir or default_cache_dir()))
+    from qkv.train.finetune import resolve_data_config
+
+    data = resolve_data_config(config, run_dir, started=True)  # data.tokenizer=checkpoint
+    source, tokenizer = build_data(data, Path(cache_dir or default_cache_dir()))
     if checkpoint == "final":
         if not (run_dir / FINAL / "config.json").is_file():
             raise CheckpointError(
@@ -172,6 +175,13 @@ def _model_of_checkpoint(run_dir: Path, config: TrainConfig, *, best: bool) -> Q
     check_same_config(config_from_dict(state["config"]), config, str(path))
     model_class = FAMILIES[state["family"]]
     model = model_class(model_config_from_dict(model_class.config_class, state["model_config"]))
+    if config.lora.rank:  # the run's adapters, to take the checkpoint's weights; then merged
+        from qkv.blocks.lora import merge_lora
+        from qkv.train.finetune import add_lora
+
+        add_lora(model, config)
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
     load_state_dict_strict(model, ckpt.read_model_weights(path, state, shapes))
+    if config.lora.rank:
+        merge_lora(model)
     return model

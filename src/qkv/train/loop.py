@@ -45,6 +45,7 @@ from qkv.train.config import LoopConfig, TrainConfig
 from qkv.train.config import config_to_dict as train_config_to_dict
 from qkv.train.distributed import DistContext, gradient_sync, setup_distributed
 from qkv.train.evaluate import FINAL, evaluate_run
+from qkv.train.finetune import export_final
 from qkv.train.metrics import StepMetrics, TrainCallback, plot_losses
 from qkv.train.objectives import Batch
 from qkv.train.rundir import RESUMABLE_KEYS, default_cache_dir, load_run_config
@@ -170,7 +171,7 @@ def _train_step(run: RunParts, step: int, lr: float) -> tuple[float, int, float]
     of targets and the gradient norm before clipping."""
     c, ctx, objective = run.config.train, run.ctx, run.objective
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # optim.head_lr's groups: head_lr / lr
     batch = objective.prepare(run.source.train_batch(step, c.batch_size, c.seed), seed=c.seed,
                               step=step)  # fmt: skip
     count = max(batch.num_targets, 1)  # N, over the global batch
@@ -244,12 +245,11 @@ def _checkpoint(run: RunParts, progress: Progress) -> None:
 
 def _finish(run: RunParts, progress: Progress) -> TrainResult:
     """Export the final model, plot the losses and report."""
-    from qkv.interop import save_pretrained
-
     plain = plain_model(run)  # under FSDP a collective
     final_dir = None
-    if run.ctx.is_main:
-        final_dir = save_pretrained(plain, run.run_dir / FINAL, tokenizer=run.tokenizer)
+    if run.ctx.is_main:  # with LoRA: merged, and the adapters in PEFT's layout in final/adapter
+        final_dir = export_final(plain, run.run_dir / FINAL, tokenizer=run.tokenizer,
+                                 config=run.config)  # fmt: skip
         plot_losses(run.run_dir / "metrics.csv", run.run_dir / "loss.png", title=run.config.preset)
     run.ctx.barrier()
     summary = {

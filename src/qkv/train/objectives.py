@@ -9,7 +9,7 @@ scored), then scores the model's logits with cross-entropy::
                      (Devlin et al., "BERT", 2018, arXiv:1810.04805, section 3.1)
     seq2seq          teacher forcing: the decoder reads [start, y_1 .. y_{T-1}] and predicts
                      y_1 .. y_T; optional label smoothing (Vaswani et al. 2017, section 5.4)
-    classification   one target per example (ViT on images)
+    classification   one target per example (ViT on images, BERT on paragraphs)
 
 The loss the trainer minimises is a SUM over the real targets of the whole (global) batch
 divided by their count N::
@@ -30,7 +30,8 @@ prediction, then::
     masked LM        the unigram baseline: the accuracy of always guessing the most frequent
                      masked token (what a model that ignores context gets)
     seq2seq          exact match and BLEU of greedy decoding on the first validation examples
-    classification   no perplexity (one class per example, not a sequence)
+    classification   no perplexity (one class per example, not a sequence); for text, the
+                     majority baseline: the accuracy of always guessing the most frequent class
 
 Shape legend: B batch · T target positions · S source positions · V vocabulary · C classes.
 """
@@ -454,21 +455,38 @@ def _trim(ids: list[int], eos: int | None) -> list[int]:
 
 
 class Classification(Objective):
-    """One class per example: ``pixel_values`` in, ``labels`` (B,) as targets."""
+    """One class per example: every other entry of the batch (``pixel_values``, or
+    ``input_ids`` and ``attention_mask``) in, ``labels`` (B,) as targets.
+
+    Args:
+        label_smoothing: ε of the targets.
+        majority_baseline: also report ``val_majority_acc``, the accuracy of always guessing
+            the class most frequent among the validation targets (the masked LM's unigram
+            baseline, for classes).
+    """
 
     name = "classification"
 
-    def __init__(self, *, label_smoothing: float = 0.0) -> None:
+    def __init__(self, *, label_smoothing: float = 0.0, majority_baseline: bool = False) -> None:
         self.label_smoothing = label_smoothing
+        self.majority_baseline = majority_baseline
 
     def prepare(self, batch: dict[str, Tensor], *, seed: int, step: int) -> Batch:
-        return Batch(inputs={"pixel_values": batch["pixel_values"]}, targets=batch["labels"])
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return Batch(inputs=inputs, targets=batch["labels"])
 
     @property
     def metric_names(self) -> list[str]:
-        return [name for name in super().metric_names if name != "val_ppl"]
+        names = [name for name in super().metric_names if name != "val_ppl"]
+        return names + (["val_majority_acc"] if self.majority_baseline else [])
+
+    def tally(self, totals: ValTotals, logits: Tensor, batch: Batch) -> None:
+        super().tally(totals, logits, batch)
+        totals.targets.update(batch.targets[batch.targets != IGNORE_INDEX].tolist())
 
     def metrics(self, totals: ValTotals) -> dict[str, float]:
         out = super().metrics(totals)
         out.pop("val_ppl")
+        if self.majority_baseline:
+            out["val_majority_acc"] = max(totals.targets.values()) / totals.count
         return out

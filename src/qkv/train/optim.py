@@ -1,10 +1,12 @@
-"""AdamW with weight decay only where it belongs: on the matrices that multiply activations.
+"""AdamW with weight decay on the matrices that multiply activations, and nowhere else.
 
 Decoupled weight decay (Loshchilov and Hutter, "Decoupled Weight Decay Regularization", 2019,
 arXiv:1711.05101) shrinks every decayed weight a little each step, θ <- θ - lr * λ * θ, apart
-from the Adam update. Shrinking a LayerNorm gain or a bias towards zero only fights the
-normalisation, and decaying an embedding row penalises rare tokens, which get few gradients to
-push back; so, as in GPT-2/3 and BERT training code, two parameter groups:
+from the Adam update. Which parameters to decay is a choice that codebases make differently.
+Shrinking a LayerNorm gain or a bias towards zero only fights the normalisation, and nearly all of
+them exempt those. Embeddings are where they differ: BERT's original code and nanoGPT decay them,
+while others exempt them, since decay penalises a rare token's row, which gets few gradients to
+push back. qkv chooses the second, with two parameter groups:
 
     decay       weights of nn.Linear and convolutions (the (out, in) matrices)
     no decay    everything else: norm gains and shifts, biases, token and position embeddings
@@ -12,6 +14,8 @@ push back; so, as in GPT-2/3 and BERT training code, two parameter groups:
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -60,8 +64,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
     # --8<-- [end:groups]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, config: OptimConfig, head: Sequence[nn.Parameter] = ()
+) -> torch.optim.AdamW:
     """AdamW over ``param_groups(model, config.weight_decay)``.
+
+    With ``config.head_lr``, the ``head`` parameters (what a pretrained checkpoint lacked, see
+    ``qkv.train.finetune``) go into groups of their own whose ``lr_scale`` is head_lr / lr: the
+    loop multiplies the schedule's learning rate by it, so the head follows the same warmup and
+    decay at its own peak.
 
     The learning rate set here is a placeholder: the loop sets each step's from the schedule.
     On CPUs and CUDA GPUs the update runs as PyTorch's fused kernel (one pass over each
@@ -69,6 +80,15 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     CPU, see benchmarks/RESULTS.md): the same update, to rounding.
     """
     groups = param_groups(model, config.weight_decay)
+    if head and config.head_lr:
+        ids = {id(p) for p in head}
+        body = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]  # type: ignore[attr-defined]
+        heads = [
+            {**g, "params": [p for p in g["params"] if id(p) in ids],  # type: ignore[attr-defined]
+             "lr_scale": config.head_lr / config.lr}
+            for g in groups
+        ]  # fmt: skip
+        groups = body + heads
     params = [p for group in groups for p in group["params"]]  # type: ignore[attr-defined]
     fused = all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
     return torch.optim.AdamW(

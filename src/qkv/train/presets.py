@@ -10,6 +10,7 @@ the dataclasses' defaults, and ``--section.key value`` overrides any of it::
     transformer-dates   the 2017 encoder-decoder rewriting dates as ISO dates
     t5-tasks            T5 on a synthetic task (reverse; copy, sort, dates)
     vit-digits          ViT on 8x8 handwritten digits
+    minilm-classify     MiniLM fine-tuned to classify paragraphs of Python's documentation
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 ``setup_run`` checks the run directory and builds the parts once, in an order that keeps the
 random streams of a resumed run equal to an uninterrupted one's: the data (rank 0 tokenizes,
-the others read its cache), the model from ``train.seed``, the objective, the model wrapped
-for DDP or FSDP, the optimizer and the schedule (``RunParts``). ``start_run`` then restores
-the newest checkpoint when resuming (``Progress``: the step, the clock, the best validation
-loss) and records the run in ``run.json``.
+the others read its cache), the model from ``train.seed`` (or from ``model.init_from``'s
+checkpoint, with LoRA and frozen parameters: ``qkv.train.finetune``), the objective, the
+model wrapped for DDP or FSDP, the optimizer and the schedule (``RunParts``). ``start_run``
+then restores the newest checkpoint when resuming (``Progress``: the step, the clock, the best
+validation loss) and records the run in ``run.json``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,18 @@ from qkv.train.build import (
     enable_activation_checkpointing,
 )
 from qkv.train.config import ConfigError, TrainConfig, config_from_dict
+from qkv.train.distill import Distillation, load_teacher
 from qkv.train.distributed import DistContext, gather_full_state, unwrap, wrap_model
 from qkv.train.evaluate import Evaluator
+from qkv.train.finetune import (
+    adapt_model,
+    add_lora,
+    head_parameters,
+    init_model,
+    resolve_data_config,
+    run_summary,
+    write_init,
+)
 from qkv.train.metrics import MetricsLog, TrainCallback
 from qkv.train.objectives import Objective
 from qkv.train.optim import build_optimizer
@@ -68,6 +79,7 @@ class RunParts:
     precision: torch.dtype | None
     autocast: Callable[[], Any]
     num_parameters: int
+    finetune: dict[str, Any] | None = None  # init_from, LoRA, freezing (qkv.train.finetune)
 
     @property
     def checkpoints(self) -> Path:
@@ -95,8 +107,15 @@ def setup_run(
     """Check the run directory, then build the data, model, objective, optimizer and schedule."""
     c = config.train
     check_run_dir(run_dir, config, resume)
-    source, tokenizer = _build_data(config, cache_dir, ctx, callback)
-    raw_model = build_model(config, source)
+    data = resolve_data_config(config, run_dir, started=resume)  # data.tokenizer=checkpoint
+    source, tokenizer = _build_data(replace(config, data=data), cache_dir, ctx, callback)
+    init = None
+    if config.model.init_from:  # the architecture and weights of a pretrained checkpoint
+        raw_model, init = init_model(config, source, run_dir, resume=resume)
+    else:
+        raw_model = build_model(config, source)
+    finetune = run_summary(init, adapt_model(raw_model, config, init.new if init else ()),
+                           raw_model)  # fmt: skip
     objective = build_objective(config, source, raw_model.config)
     if c.batch_size % (ctx.world_size * c.grad_accum):
         raise ConfigError(
@@ -104,13 +123,20 @@ def setup_run(
             f"{c.grad_accum} micro-batches (train.grad_accum); make it a multiple of "
             f"{ctx.world_size * c.grad_accum}"
         )
+    teacher = None
+    if config.distill.teacher:  # loaded and checked before the run directory is written
+        teacher = load_teacher(config.distill, student=raw_model, tokenizer=tokenizer,
+                               seq_len=config.data.seq_len, device=ctx.device)  # fmt: skip
     write_run_dir(run_dir, config, ctx)
+    if init is not None and ctx.is_main and not resume:
+        write_init(run_dir, init, data)
     evaluator = Evaluator(config, objective, source, tokenizer)
     raw_model.to(ctx.device)
     if c.activation_checkpointing:
         enable_activation_checkpointing(raw_model)
     model = wrap_model(raw_model, ctx)
-    optimizer = build_optimizer(model, config.optim)
+    head = head_parameters(unwrap(model), init.new) if init is not None else []
+    optimizer = build_optimizer(model, config.optim, head=head)
     schedule = LRSchedule(
         kind=config.schedule.kind, peak=config.optim.lr,
         warmup_steps=config.schedule.warmup_steps, min_lr_ratio=config.schedule.min_lr_ratio,
@@ -121,13 +147,18 @@ def setup_run(
     precision = autocast_dtype(c.precision, ctx.device)
     # Dropout differs across ranks (their rows differ); rank 0 draws what one process would.
     torch.manual_seed(c.seed + 1_000_003 * ctx.rank)
+    if teacher is not None:  # the training loss only: the evaluator keeps the plain objective
+        objective = Distillation(
+            objective, teacher, temperature=config.distill.temperature,
+            alpha=config.distill.alpha, autocast=autocast_factory(precision, ctx.device),
+        )  # fmt: skip
     return RunParts(
         config=config, run_dir=run_dir, ctx=ctx, callback=callback, source=source,
         tokenizer=tokenizer, model=model, forward_model=forward_model,
         model_config=raw_model.config, objective=objective, evaluator=evaluator,
         optimizer=optimizer, schedule=schedule, precision=precision,
         autocast=autocast_factory(precision, ctx.device),
-        num_parameters=raw_model.num_parameters(),
+        num_parameters=raw_model.num_parameters(), finetune=finetune,
     )  # fmt: skip
 
 
@@ -162,6 +193,9 @@ def start_run(run: RunParts, resume: bool) -> tuple[Progress, MetricsLog | None]
         log.info("resumed %s at step %d", run.run_dir, progress.step)
     info = describe_run(run.config, run.source, device=ctx.device, world_size=ctx.world_size,
                         autocast=run.precision)  # fmt: skip
+    if run.finetune is not None:  # init_from, LoRA, freezing: what was loaded, what trains
+        info["finetune"] = {k: v for k, v in run.finetune.items() if k != "notes"}
+        info["notes"] = [*info["notes"], *run.finetune["notes"]]
     record_run(run.run_dir, info, progress.step, write=ctx.is_main)  # refuses other data
     for note in info["notes"]:
         log.info("%s", note)
@@ -187,5 +221,7 @@ def plain_model(run: RunParts) -> QkvModel:
     state = gather_full_state(run.model)
     with torch.random.fork_rng(devices=[]):  # building the copy must not move the RNG stream
         plain = FAMILIES[run.config.model.family](run.model_config)
+        if run.config.lora.rank:  # the same adapters, to take the gathered weights
+            add_lora(plain, run.config)
     plain.load_state_dict(state)
     return plain.to(run.ctx.device)
