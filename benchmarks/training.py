@@ -630,7 +630,7 @@ class BareStep:
 
 class BareAlongside(TrainCallback):
     """After every trainer step, one bare step (a load that comes and goes falls on both);
-    it times itself, so that its time can be taken out of the trainer's loop iterations."""
+    it times itself (the trainer's clock leaves callbacks out, so this is for the record)."""
 
     def __init__(self, bare: BareStep) -> None:
         self.bare = bare
@@ -710,7 +710,7 @@ def run_trainer(
         step[s] = (int(row["tokens"]) - tokens) / float(row["tokens_per_s"])
         tokens, clock[s] = int(row["tokens"]), float(row["time"])
         if s - 1 in clock:
-            iteration[s] = clock[s] - clock[s - 1] - callback.own_seconds[s - 1]
+            iteration[s] = clock[s] - clock[s - 1]  # the clock leaves out the callback
     precision = autocast_dtype(config.train.precision, device)
     return TrainerRun(
         name=name, every=every, bare=callback.bare_seconds, step=step, iteration=iteration,
@@ -760,20 +760,21 @@ def against_trainer(args: argparse.Namespace, device: torch.device) -> None:
     trainer step    the trainer's own record: metrics.csv's tokens of the step over its
                     ``tokens_per_s``, i.e. its clock around the schedule, the data, forward,
                     backward, clipping, AdamW and the read-back of loss and gradient norm
-    loop iteration  the difference of metrics.csv's ``time`` between consecutive steps, less
-                    the bare step run from the callback: a step and everything after it
-                    (evaluation, sample, metrics.csv, checkpoint)
+    loop iteration  the difference of metrics.csv's ``time`` between consecutive steps: the
+                    trainer's training clock, which leaves out what follows a step (evaluation,
+                    sample, metrics.csv, callbacks such as the bare step, checkpoint)
     spans           wall seconds inside the trainer's functions, wrapped in place (``Spans``):
                     data = ``source.train_batch`` + ``objective.prepare`` + ``Batch.to``
                     (inside the step), logging = ``MetricsLog.write``, validation =
                     ``Evaluator.evaluate``, sample = ``Evaluator.sample``, checkpoint =
-                    ``_checkpoint`` (each is also in the loop iteration that follows it)
+                    ``_checkpoint`` (wall time, outside the training clock)
     overhead        per pair, trainer step / the bare step right after it, median (min to max);
                     and mean loop iteration / mean bare step. On a loaded machine the fastest
                     steps (min) are the steadier comparison.
 
-    The trainer's clock (metrics.csv ``time``) runs on through evaluations and checkpoints,
-    so the mean loop iteration is what a ``train.max_time`` budget pays per step.
+    The trainer's clock (metrics.csv ``time``) stops during evaluations, logging, callbacks
+    and checkpoints, so the mean loop iteration is what a ``train.max_time`` budget pays per
+    step; the spans are what those pauses add to the wall time.
     """
     steps = args.trainer_steps
     load_before = os.getloadavg()

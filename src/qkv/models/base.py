@@ -100,7 +100,9 @@ class QkvModel(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.family:
+        # Only a class that names its own family registers: a user's subclass of GPT inherits
+        # family = "gpt" and must not take the family's place in FAMILIES (loading, training).
+        if cls.__dict__.get("family"):
             FAMILIES[cls.family] = cls
 
     def __init__(self, config: Any) -> None:
