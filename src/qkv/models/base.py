@@ -105,6 +105,12 @@ class QkvModel(nn.Module):
         if cls.__dict__.get("family"):
             FAMILIES[cls.family] = cls
 
+    def training_regularizer(self) -> Tensor | None:
+        """What the last forward adds to the training objective beyond the task's loss,
+        already weighted (a mixture of experts' router losses); None for most families.
+        Trainers add it to the loss they minimise (``qkv.train`` does)."""
+        return None
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):

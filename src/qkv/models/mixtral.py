@@ -207,6 +207,7 @@ class Mixtral(Llama):
         mask = None if mask is None else mask.repeat(len(router_logits))  # (L N,)
         aux_loss = load_balancing_loss(logits, c.top_k, mask)
         z_loss = router_z_loss(logits, mask)
+        self._regularizer = c.router_aux_loss_coef * aux_loss + c.router_z_loss_coef * z_loss
         loss = None
         if labels is not None and out.logits is not None:
             loss = causal_lm_loss(out.logits, labels)  # (Llama ran without labels)
@@ -217,3 +218,7 @@ class Mixtral(Llama):
         )
 
     # --8<-- [end:forward]
+
+    def training_regularizer(self) -> Tensor | None:
+        """c_aux aux_loss + c_z z_loss of the last forward, for a trainer to add to its loss."""
+        return getattr(self, "_regularizer", None)

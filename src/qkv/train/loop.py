@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 from qkv.models.base import config_to_dict
 from qkv.train import checkpoint as ckpt
@@ -183,6 +184,9 @@ def _train_step(run: RunParts, step: int, lr: float) -> tuple[float, int, float]
             with run.autocast():
                 logits = objective.logits(run.forward_model, part)
             part_sum = objective.loss_sum(logits, part)
+            regularizer = _regularizer(run.model)  # e.g. MoE router losses, a mean
+            if regularizer is not None:
+                part_sum = part_sum + regularizer.float() * part.num_targets
             (part_sum * (ctx.world_size / count)).backward()
         total += part_sum.detach().double()
     ctx.all_reduce(total)
@@ -193,6 +197,14 @@ def _train_step(run: RunParts, step: int, lr: float) -> tuple[float, int, float]
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return float(total) / count, batch.num_targets, float(grad_norm)
+
+
+def _regularizer(model: nn.Module) -> Tensor | None:
+    """The model's own training regularizer (``QkvModel.training_regularizer``) of its last
+    forward, looked up through a DDP wrapper."""
+    inner = getattr(model, "module", model)
+    regularizer = getattr(inner, "training_regularizer", None)
+    return regularizer() if callable(regularizer) else None
 
 
 def _micro_batches(batch: Batch, ctx: DistContext, grad_accum: int) -> Iterator[Batch]:
