@@ -221,6 +221,10 @@ def test_under_bfloat16_autocast_the_sum_stays_in_the_stream_dtype(impl: str) ->
     x = torch.randn(2, 6, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(x)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
     exact = module(x)
-    assert (out - exact).abs().max() < 0.05 * exact.abs().max()  # bfloat16 products: ~1% error
+    # bfloat16 products are ~1% off; a token whose top-2 is a near tie may route differently
+    # under bfloat16 and change entirely, so judge the tokens, most of which must agree.
+    error = (out - exact).abs().amax(-1)  # (B, T)
+    close = error < 0.05 * exact.abs().amax()
+    assert close.float().mean() >= 0.75, error
