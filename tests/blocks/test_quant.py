@@ -188,3 +188,30 @@ def test_quantised_gpt_stays_close_to_float_and_generates(config: QuantConfig) -
     assert model.layers[0].mlp.up_proj.qweight.dtype in (torch.int8, torch.uint8)
     with torch.no_grad():
         model(ids)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_packed_kernel_that_computes_wrong_is_refused_and_the_reference_used(
+    bits: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every CPU takes this path when its packed kernel misbehaves (some AVX2 builds, Arm):
+    the one-time probe catches a wrong kernel, warns once, and the layers use the reference."""
+    from qkv import _quant_kernels as kernels
+
+    name = "int8_packed_linear" if bits == 8 else "int4_packed_linear"
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **k: real(*a, **k) * 1.5)  # a broken kernel
+    kernels.packed_kernel_failure.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=kernels.logger.name):
+            assert kernels.packed_kernel_failure(bits) is not None
+        assert "reference" in caplog.text and "differed" in caplog.text
+        linear = nn.Linear(256, 64)
+        layer = (
+            Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear)
+        ).eval()
+        x = torch.randn(3, 256)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), layer.reference_forward(x), atol=0, rtol=0)
+    finally:
+        kernels.packed_kernel_failure.cache_clear()  # the real kernels, probed afresh
