@@ -44,14 +44,19 @@ from torch import Tensor, nn
 
 from qkv.attention import masks
 from qkv.blocks import (
-    ACTIVATIONS,
     ActivationName,
     DecoderLayer,
     EncoderLayer,
     LayerSpec,
 )
 from qkv.models.base import ModelOutput
-from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
+from qkv.models.checks import (
+    require_activation,
+    require_divisible,
+    require_positive,
+    require_rate,
+    require_token_ids,
+)
 from qkv.models.common import (
     EncoderDecoderCaches,
     EncoderDecoderLM,
@@ -100,8 +105,7 @@ class BartConfig:
             raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
         if self.positions == "sinusoidal" and self.d_model % 2:
             raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; use one of {[*ACTIVATIONS]}")
+        require_activation(self)
         require_rate(self, "dropout", "attention_dropout", "activation_dropout")
         tokens = ("pad_token_id", "eos_token_id", "decoder_start_token_id", "bos_token_id")
         require_token_ids(self, *tokens, vocab_size=self.vocab_size)

@@ -15,7 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["require_divisible", "require_positive", "require_rate", "require_token_ids"]
+from qkv.blocks import ACTIVATIONS
+
+__all__ = [
+    "require_activation",
+    "require_divisible",
+    "require_positive",
+    "require_rate",
+    "require_token_ids",
+]
 
 
 def require_positive(config: Any, *names: str, must_be: str = "positive") -> None:
@@ -51,3 +59,10 @@ def require_rate(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def require_activation(config: Any, name: str = "activation") -> None:
+    """Field ``name`` names one of the feed-forward activations of ``qkv.blocks``."""
+    value = getattr(config, name)
+    if value not in ACTIVATIONS:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {list(ACTIVATIONS)}")

@@ -42,10 +42,16 @@ from torch import Tensor, nn
 from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
 from qkv.blocks.block import DecoderLayer, LayerSpec
-from qkv.blocks.mlp import ACTIVATIONS, ActivationName
+from qkv.blocks.mlp import ActivationName
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput
-from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
+from qkv.models.checks import (
+    require_activation,
+    require_divisible,
+    require_positive,
+    require_rate,
+    require_token_ids,
+)
 from qkv.models.common import (
     DecoderLM,
     causal_lm_loss,
@@ -94,10 +100,7 @@ class GPTConfig:
         require_rate(self, "dropout")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {self.activation!r}; choose one of {list(ACTIVATIONS)}"
-            )
+        require_activation(self)
 
     @property
     def ff_width(self) -> int:

@@ -39,9 +39,15 @@ from torch import Tensor, nn
 
 from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
-from qkv.blocks import ACTIVATIONS, ActivationName, DecoderLayer, LayerNorm, LayerSpec
+from qkv.blocks import ActivationName, DecoderLayer, LayerNorm, LayerSpec
 from qkv.models.base import ModelOutput
-from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
+from qkv.models.checks import (
+    require_activation,
+    require_divisible,
+    require_positive,
+    require_rate,
+    require_token_ids,
+)
 from qkv.models.common import (
     IGNORE_INDEX,
     DecoderLM,
@@ -84,8 +90,7 @@ class PrefixLMConfig:
         require_token_ids(self, *tokens, vocab_size=self.vocab_size)
         require_divisible(self, "d_model", "n_heads")
         require_rate(self, "dropout")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; use {list(ACTIVATIONS)}")
+        require_activation(self)
 
 
 PRESETS: dict[str, PrefixLMConfig] = {

@@ -49,10 +49,10 @@ from torch.nn import functional as F
 
 from qkv.attention.variants.xl_relative import XLRelativeAttention
 from qkv.blocks.block import residual_sublayer
-from qkv.blocks.mlp import ACTIVATIONS, ActivationName, FeedForward
+from qkv.blocks.mlp import ActivationName, FeedForward
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.checks import require_divisible, require_positive, require_rate
+from qkv.models.checks import require_activation, require_divisible, require_positive, require_rate
 from qkv.models.common import causal_lm_loss, init_normal_
 
 __all__ = [
@@ -94,10 +94,7 @@ class TransformerXLConfig:
         require_rate(self, "dropout")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {self.activation!r}; choose one of {list(ACTIVATIONS)}"
-            )
+        require_activation(self)
 
     @property
     def ff_width(self) -> int:

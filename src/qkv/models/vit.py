@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qkv.attention.multihead import recording_weights
-from qkv.blocks import ACTIVATIONS, ActivationName, EncoderLayer, LayerNorm, LayerSpec
+from qkv.blocks import ActivationName, EncoderLayer, LayerNorm, LayerSpec
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.checks import require_divisible, require_positive, require_rate
+from qkv.models.checks import require_activation, require_divisible, require_positive, require_rate
 from qkv.models.common import IGNORE_INDEX, attention_modules
 from qkv.positional import LearnedPositionalEmbedding
 
@@ -73,8 +73,7 @@ class ViTConfig:
                 "the classifier reads the class token directly, so set pooler=False"
             )
         require_rate(self, "dropout")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; use {list(ACTIVATIONS)}")
+        require_activation(self)
 
     @property
     def num_patches(self) -> int:
