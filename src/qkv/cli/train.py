@@ -271,10 +271,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"checkpoints (resume with --resume {result.run_dir}): {checkpoints}")
     if (result.run_dir / "loss.png").is_file():
         print(f"loss curves: {result.run_dir / 'loss.png'}")
+    experts = _plot_experts(result.run_dir)
+    if experts is not None:
+        print(f"expert load: {experts}")
     print(f"next: qkv eval {result.run_dir}")
     if result.final_dir is not None and config.data.kind == "lm":
         print(f"      qkv sample {result.run_dir} --prompt ...")
     return 0
+
+
+def _plot_experts(run_dir: Path) -> Path | None:
+    """Draw a mixture of experts' tokens per expert over the run (experts.json) as a PNG."""
+    from qkv.train.experts import EXPERTS_FILE, read_expert_load
+
+    if not (run_dir / EXPERTS_FILE).is_file():
+        return None
+    from qkv.viz.moe import plot_expert_load
+
+    counts = read_expert_load(run_dir / EXPERTS_FILE)
+    out = run_dir / "experts.png"
+    plot_expert_load(
+        counts["tokens_per_expert"], path=out,
+        title=f"tokens per expert over {counts['step']} steps",
+    )  # fmt: skip
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ A run lives in one directory::
     checkpoints/   the last K and the best  samples.txt   samples of language models
     loss.png       train and val loss       final/        the model + tokenizer.json, loadable
                                                           with qkv.from_pretrained / qkv generate
+    experts.json   a mixture of experts' tokens per expert over the run (qkv.train.experts)
 
 Resuming (``resume=True``) restores weights, optimizer, schedule clock, random states and the
 step from the newest complete checkpoint; with a step budget the resumed run is bit-identical
@@ -148,12 +149,13 @@ def _train(
         step, elapsed = progress.step, progress.elapsed
         evaluate = done or (c.eval_every and step % c.eval_every == 0)
         pause_start = time.perf_counter()  # evaluation, logging and checkpoints: not training
+        routing = run.expert_load.end_step(ctx.all_reduce) if run.expert_load is not None else {}
         eval_metrics = _evaluate(run, progress) if evaluate else {}
         metrics = StepMetrics(
             step=step, time=elapsed, lr=lr, loss=progress.loss, tokens=progress.tokens,
             tokens_per_s=targets / max(step_time, 1e-9), grad_norm=grad_norm,
             progress=run.schedule.progress(step, elapsed) if c.max_steps or c.max_seconds else 0.0,
-            eval=eval_metrics,
+            eval=eval_metrics, extra=routing,
         )  # fmt: skip
         if metrics_log is not None:
             metrics_log.write(metrics)
@@ -184,6 +186,8 @@ def _train_step(run: RunParts, step: int, lr: float) -> tuple[float, int, float]
             with run.autocast():
                 logits = objective.logits(run.forward_model, part)
             part_sum = objective.loss_sum(logits, part)
+            if run.expert_load is not None:
+                run.expert_load.add()  # the routing of this forward, for the logs
             regularizer = _regularizer(run.model)  # e.g. MoE router losses, a mean
             if regularizer is not None:
                 part_sum = part_sum + regularizer.float() * part.num_targets
@@ -243,6 +247,8 @@ def _checkpoint(run: RunParts, progress: Progress) -> None:
         "model_config": config_to_dict(run.model_config),
         "family": run.config.model.family,
     }  # fmt: skip
+    if run.expert_load is not None:  # a resumed run goes on counting
+        state["expert_load"] = run.expert_load.state()
     path = ckpt.save_checkpoint(
         run.checkpoints, progress.step, run.model, run.optimizer, state, run.ctx
     )
@@ -263,6 +269,8 @@ def _finish(run: RunParts, progress: Progress) -> TrainResult:
         final_dir = export_final(plain, run.run_dir / FINAL, tokenizer=run.tokenizer,
                                  config=run.config)  # fmt: skip
         plot_losses(run.run_dir / "metrics.csv", run.run_dir / "loss.png", title=run.config.preset)
+        if run.expert_load is not None:  # `qkv train` draws it as experts.png
+            run.expert_load.save(run.run_dir, progress.step)
     run.ctx.barrier()
     summary = {
         "run_dir": str(run.run_dir), "steps": progress.step, "train_loss": progress.loss,

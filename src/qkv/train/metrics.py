@@ -50,6 +50,9 @@ class StepMetrics:
     grad_norm: float  # before clipping
     progress: float  # fraction of the budget spent, 0 .. 1
     eval: dict[str, float] = field(default_factory=dict)
+    # What the model reports of its own training step (a mixture of experts' routing,
+    # see qkv.train.experts), every step.
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 class TrainCallback:
@@ -92,6 +95,7 @@ class MetricsLog:
     Args:
         path: the CSV file.
         eval_columns: the evaluation's metric names (fixed for the run).
+        train_columns: the names of ``StepMetrics.extra`` (fixed for the run).
         start_step: when resuming, rows after this step (from the interrupted run) are dropped.
         tensorboard_dir: where to write TensorBoard events; None or no tensorboard: skipped.
     """
@@ -103,9 +107,10 @@ class MetricsLog:
         *,
         start_step: int = 0,
         tensorboard_dir: Path | None = None,
+        train_columns: list[str] | None = None,
     ) -> None:
         self.path = path
-        self.columns = [*TRAIN_COLUMNS, *eval_columns]
+        self.columns = [*TRAIN_COLUMNS, *(train_columns or []), *eval_columns]
         kept: list[dict[str, str]] = []
         if start_step > 0 and path.is_file():
             kept = [r for r in read_metrics(path) if r.get("step") and int(r["step"]) <= start_step]
@@ -129,12 +134,14 @@ class MetricsLog:
 
     def write(self, metrics: StepMetrics) -> None:
         row = {name: getattr(metrics, name) for name in TRAIN_COLUMNS}
+        row.update(metrics.extra)
         row.update(metrics.eval)
         self._writer.writerow({k: _format(v) for k, v in row.items()})
         self._file.flush()
         if self._tb is not None:
-            for name in ("loss", "lr", "tokens_per_s", "grad_norm"):
-                self._tb.add_scalar(f"train/{name}", getattr(metrics, name), metrics.step)
+            train = {n: getattr(metrics, n) for n in ("loss", "lr", "tokens_per_s", "grad_norm")}
+            for name, value in {**train, **metrics.extra}.items():
+                self._tb.add_scalar(f"train/{name}", value, metrics.step)
             for name, value in metrics.eval.items():
                 self._tb.add_scalar(f"val/{name.removeprefix('val_')}", value, metrics.step)
 

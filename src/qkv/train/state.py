@@ -35,6 +35,7 @@ from qkv.train.config import ConfigError, TrainConfig, config_from_dict
 from qkv.train.distill import Distillation, load_teacher
 from qkv.train.distributed import DistContext, gather_full_state, unwrap, wrap_model
 from qkv.train.evaluate import Evaluator
+from qkv.train.experts import ROUTING_COLUMNS, ExpertLoad
 from qkv.train.finetune import (
     adapt_model,
     add_lora,
@@ -80,6 +81,7 @@ class RunParts:
     autocast: Callable[[], Any]
     num_parameters: int
     finetune: dict[str, Any] | None = None  # init_from, LoRA, freezing (qkv.train.finetune)
+    expert_load: ExpertLoad | None = None  # routing counts of a mixture of experts
 
     @property
     def checkpoints(self) -> Path:
@@ -159,6 +161,7 @@ def setup_run(
         optimizer=optimizer, schedule=schedule, precision=precision,
         autocast=autocast_factory(precision, ctx.device),
         num_parameters=raw_model.num_parameters(), finetune=finetune,
+        expert_load=ExpertLoad.of(raw_model),
     )  # fmt: skip
 
 
@@ -190,6 +193,8 @@ def start_run(run: RunParts, resume: bool) -> tuple[Progress, MetricsLog | None]
             best_loss=state["best_loss"] if state["best_loss"] is not None else math.inf,
             best_step=state["best_step"],
         )  # fmt: skip
+        if run.expert_load is not None and "expert_load" in state:
+            run.expert_load.load_state(state["expert_load"])
         log.info("resumed %s at step %d", run.run_dir, progress.step)
     info = describe_run(run.config, run.source, device=ctx.device, world_size=ctx.world_size,
                         autocast=run.precision)  # fmt: skip
@@ -202,9 +207,10 @@ def start_run(run: RunParts, resume: bool) -> tuple[Progress, MetricsLog | None]
     run.callback.on_run_info(info)
     metrics_log = None
     if ctx.is_main:
+        routing = list(ROUTING_COLUMNS) if run.expert_load is not None else []
         metrics_log = MetricsLog(
             run.run_dir / "metrics.csv", run.evaluator.metric_names, start_step=progress.step,
-            tensorboard_dir=run.run_dir / "tensorboard",
+            tensorboard_dir=run.run_dir / "tensorboard", train_columns=routing,
         )  # fmt: skip
     run.callback.on_start(
         run_dir=run.run_dir, start_step=progress.step, max_steps=c.max_steps,
