@@ -266,48 +266,46 @@ def _build_seq2seq(config: DataConfig, cache: Path) -> tuple[Seq2SeqSource, Toke
                     break
             return pair
 
-        source = Seq2SeqSource(
-            tokenizer,
-            sample_pair=sample,
-            val_pairs=val_pairs,
-            seq_len=config.seq_len,
-            specials=special_ids(tokenizer),
-            fingerprint={"corpus": corpus, "synthetic": True, "validation_examples": n_val},
+        fingerprint: dict[str, Any] = {
+            "corpus": corpus,
+            "synthetic": True,
+            "validation_examples": n_val,
+        }
+    else:
+        path = Path(corpus).expanduser()
+        if path.suffix.lower() not in PARALLEL_SUFFIXES:
+            raise ValueError(
+                f"kind='seq2seq' needs a task ({', '.join(SYNTHETIC_TASKS)}) or a .tsv / .jsonl "
+                f"file of (source, target) pairs, not {corpus!r}"
+            )
+        pairs = read_parallel(path)
+        n_val = round(config.val_fraction * len(pairs))
+        if n_val < 1 or n_val >= len(pairs):
+            raise ValueError(
+                f"{path} has {len(pairs)} pairs: val_fraction={config.val_fraction} leaves "
+                f"{n_val} for validation and {len(pairs) - n_val} for training; both need at "
+                "least one (add pairs or change val_fraction)"
+            )
+        train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        tokenizer = build_tokenizer(
+            config.tokenizer,
+            lambda: (text for pair in train_pairs for text in pair),
+            vocab_size=config.vocab_size,
+            cache_dir=cache,
+            cache_key={"parallel": digest, "val_pairs": n_val},
         )
-        return source, tokenizer
-    path = Path(corpus).expanduser()
-    if path.suffix.lower() not in PARALLEL_SUFFIXES:
-        raise ValueError(
-            f"kind='seq2seq' needs a task ({', '.join(SYNTHETIC_TASKS)}) or a .tsv / .jsonl "
-            f"file of (source, target) pairs, not {corpus!r}"
-        )
-    pairs = read_parallel(path)
-    n_val = round(config.val_fraction * len(pairs))
-    if n_val < 1 or n_val >= len(pairs):
-        raise ValueError(
-            f"{path} has {len(pairs)} pairs: val_fraction={config.val_fraction} leaves "
-            f"{n_val} for validation and {len(pairs) - n_val} for training; both need at least "
-            "one (add pairs or change val_fraction)"
-        )
-    train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    tokenizer = build_tokenizer(
-        config.tokenizer,
-        lambda: (text for pair in train_pairs for text in pair),
-        vocab_size=config.vocab_size,
-        cache_dir=cache,
-        cache_key={"parallel": digest, "val_pairs": n_val},
-    )
 
-    def sample_train(g: torch.Generator) -> tuple[str, str]:
-        return train_pairs[int(torch.randint(0, len(train_pairs), (1,), generator=g))]
+        def sample(g: torch.Generator) -> tuple[str, str]:
+            return train_pairs[int(torch.randint(0, len(train_pairs), (1,), generator=g))]
 
+        fingerprint = {"corpus": corpus, "sha256": digest, "pairs": len(pairs)}
     source = Seq2SeqSource(
         tokenizer,
-        sample_pair=sample_train,
+        sample_pair=sample,
         val_pairs=val_pairs,
         seq_len=config.seq_len,
         specials=special_ids(tokenizer),
-        fingerprint={"corpus": corpus, "sha256": digest, "pairs": len(pairs)},
+        fingerprint=fingerprint,
     )
     return source, tokenizer

@@ -27,7 +27,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["DataConfig", "DataKind", "DataSource", "step_generator"]
+__all__ = ["DataConfig", "DataKind", "DataSource", "step_generator", "val_slices"]
 
 DataKind = Literal["lm", "mlm", "seq2seq", "images", "classify"]
 KINDS: tuple[str, ...] = ("lm", "mlm", "seq2seq", "images", "classify")
@@ -114,3 +114,19 @@ def step_generator(seed: int, step: int, stream: str = "train") -> torch.Generat
     """
     digest = hashlib.blake2b(f"{stream}:{seed}:{step}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def val_slices(n: int, batch_size: int, max_batches: int | None = None) -> Iterator[slice]:
+    """The rows of each validation batch, in order: ``batch_size`` of the ``n`` examples at a
+    time (the last batch may be smaller), and no more than ``max_batches`` batches (None: all).
+
+    Example:
+        >>> list(val_slices(5, 2))
+        [slice(0, 2, None), slice(2, 4, None), slice(4, 6, None)]
+        >>> len(list(val_slices(5, 2, max_batches=1)))
+        1
+    """
+    for count, start in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and count >= max_batches:
+            return
+        yield slice(start, start + batch_size)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qkv.data.config import step_generator
+from qkv.data.config import step_generator, val_slices
 
 __all__ = ["DigitsImages", "load_digits_arrays"]
 
@@ -114,10 +114,5 @@ class DigitsImages:
         self, batch_size: int, max_batches: int | None = None
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The test split in order, ``batch_size`` at a time (the last batch may be smaller)."""
-        for n, i in enumerate(range(0, len(self.test_labels), batch_size)):
-            if max_batches is not None and n >= max_batches:
-                return
-            yield {
-                "pixel_values": self.test_images[i : i + batch_size],
-                "labels": self.test_labels[i : i + batch_size],
-            }
+        for rows in val_slices(len(self.test_labels), batch_size, max_batches):
+            yield {"pixel_values": self.test_images[rows], "labels": self.test_labels[rows]}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from qkv.data.config import step_generator
+from qkv.data.config import step_generator, val_slices
 from qkv.data.tokenizers import SpecialIds
 
 __all__ = ["IGNORE_INDEX", "Seq2SeqSource"]
@@ -121,7 +121,5 @@ class Seq2SeqSource:
         self, batch_size: int, max_batches: int | None = None
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The validation pairs in order, ``batch_size`` at a time (the last may be smaller)."""
-        for n, i in enumerate(range(0, len(self._val_pairs), batch_size)):
-            if max_batches is not None and n >= max_batches:
-                return
-            yield self.collate(self._val_pairs[i : i + batch_size])
+        for rows in val_slices(len(self._val_pairs), batch_size, max_batches):
+            yield self.collate(self._val_pairs[rows])

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qkv.data.config import step_generator
+from qkv.data.config import step_generator, val_slices
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -233,10 +233,8 @@ class TopicParagraphs:
         self, batch_size: int, max_batches: int | None = None
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The validation paragraphs in order (the last batch may be smaller)."""
-        for n, i in enumerate(range(0, len(self.val_ids), batch_size)):
-            if max_batches is not None and n >= max_batches:
-                return
-            yield self._batch(self.val_ids[i : i + batch_size], self.val_labels[i : i + batch_size])
+        for rows in val_slices(len(self.val_ids), batch_size, max_batches):
+            yield self._batch(self.val_ids[rows], self.val_labels[rows])
 
     def majority_accuracy(self) -> float:
         """The accuracy on the validation split of always guessing the training split's most

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qkv.data.config import step_generator
+from qkv.data.config import step_generator, val_slices
 from qkv.data.tokenizers import SpecialIds
 from qkv.data.tokens import TokenFiles
 
@@ -124,7 +124,5 @@ class TokenWindows:
         """The validation windows in order, ``batch_size`` at a time (the last batch may be
         smaller); the same batches on every call."""
         starts = self.val_starts()
-        for n, i in enumerate(range(0, len(starts), batch_size)):
-            if max_batches is not None and n >= max_batches:
-                return
-            yield self._batch(self.val_tokens, starts[i : i + batch_size])
+        for rows in val_slices(len(starts), batch_size, max_batches):
+            yield self._batch(self.val_tokens, starts[rows])

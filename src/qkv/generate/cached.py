@@ -45,8 +45,16 @@ def is_encoder_decoder(model: Any) -> bool:
     return all(callable(getattr(model, m, None)) for m in ("encode", "decode", "new_caches"))
 
 
-def _positions_limit(model: Any) -> int | None:
-    return getattr(model.config, "max_seq_len", None)
+def _positions_limit(model: Any, what: str, n: int) -> int | None:
+    """The model's number of positions (``config.max_seq_len``; None: no limit), after checking
+    that the input, ``n`` tokens of ``what`` (the prompt or the source), fits in them."""
+    limit = getattr(model.config, "max_seq_len", None)
+    if limit is not None and n > limit:
+        raise ValueError(
+            f"the {what} has {n} tokens, longer than the model's {limit} positions "
+            "(config.max_seq_len); shorten it"
+        )
+    return limit
 
 
 class CachedDecoder:
@@ -73,12 +81,7 @@ class CachedDecoder:
         flat: bool = True,
     ) -> None:
         b, t = input_ids.shape
-        limit = _positions_limit(model)
-        if limit is not None and t > limit:
-            raise ValueError(
-                f"the prompt has {t} tokens, longer than the model's {limit} positions "
-                "(config.max_seq_len); shorten it"
-            )
+        limit = _positions_limit(model, "prompt", t)
         if limit is not None and t + max_new_tokens > limit:
             raise ValueError(
                 f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) = {t + max_new_tokens}"
@@ -180,12 +183,7 @@ class CachedEncoderDecoder:
         static_cache: bool = False,
     ) -> None:
         b, s = input_ids.shape
-        limit = _positions_limit(model)
-        if limit is not None and s > limit:
-            raise ValueError(
-                f"the source has {s} tokens, longer than the model's {limit} positions "
-                "(config.max_seq_len); shorten it"
-            )
+        limit = _positions_limit(model, "source", s)
         if limit is not None and 1 + max_new_tokens > limit:
             raise ValueError(
                 f"the start token + max_new_tokens ({max_new_tokens}) exceed the decoder's "
