@@ -21,7 +21,8 @@
 # 30 s training.py, 90 s against nanoGPT (when its model.py is at hand), 30 s training.py on
 # the GPU, 60 s attention.py (bfloat16: SDPA, tiled, Triton, block-sparse), and 20 s
 # generation.py once it takes --device (today it does
-# not, and its row says "skipped").
+# not, and its row says "skipped"), 60 s checkpointing.py (eager, activation checkpointing,
+# torch.compile, both).
 #
 # Environment:
 #   QKV_GPU_SH_DEVICE   cuda (default) or cpu
@@ -66,6 +67,7 @@ if [[ $DEVICE == cuda ]]; then
     GENERATION_ARGS=(--device cuda --new-tokens 64 --repeat 2)
     ATTENTION_ARGS=(--device cuda --repeat 10 --lengths 1024,4096 --dtypes bfloat16
                     --impls sdpa,tiled,triton,block_sparse)
+    T_CHECKPOINTING=60 CHECKPOINTING_ARGS=(--device cuda --steps 5)
 else # the CPU mode: the same steps, shortened, with the suite cut to a few folders
     T_ENV=30 T_GPU_TESTS=120 T_SUITE=120 T_TRAINING=30 T_GENERATION=20 T_ATTENTION=60
     T_NANOGPT=150 NANOGPT_ARGS=(--steps 1)
@@ -74,6 +76,7 @@ else # the CPU mode: the same steps, shortened, with the suite cut to a few fold
     TRAINING_ARGS=(--steps 1 --batch 2 --seq-len 64)
     GENERATION_ARGS=(--device cpu --new-tokens 8 --repeat 1)
     ATTENTION_ARGS=(--device cpu --repeat 2 --lengths 64,128 --dtypes float32 --impls sdpa,tiled)
+    T_CHECKPOINTING=60 CHECKPOINTING_ARGS=(--tiny --steps 2 --modes eager checkpointing)
 fi
 
 # -- steps and their records ------------------------------------------------------------------
@@ -239,6 +242,10 @@ if has_flag benchmarks/attention.py --device; then
 else
     skip_step bench-attention bench-attention.log "benchmarks/attention.py has no --device"
 fi
+# Activation checkpointing and torch.compile in training (issue #16's table): eager and
+# checkpointing always, the compiled modes when the budget leaves time for inductor.
+run_step bench-checkpointing "$T_CHECKPOINTING" bench-checkpointing.log \
+    "$PYTHON" benchmarks/checkpointing.py "${CHECKPOINTING_ARGS[@]}"
 
 echo
 summary
