@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks.mlp import ACTIVATIONS, ActivationName, FeedForward, GatedFeedForward
+from qkv.blocks.moe import Experts, MixtureOfExperts
 from qkv.blocks.norms import NormKind, make_norm
 
 __all__ = ["DecoderLayer", "EncoderLayer", "LayerSpec", "residual_sublayer"]
@@ -113,6 +114,8 @@ class LayerSpec:
         rotary: optional rotary position module for the self-attention.
         score_bias: optional positional score bias for the self-attention (ALiBi, T5).
         attn_impl: the attention backend, see ``qkv.scaled_dot_product_attention``.
+        experts: a mixture of experts in place of the feed-forward network, its experts of
+            the network's shape (``qkv.blocks.moe.Experts``); None: one dense network.
 
     Example:
         >>> spec = LayerSpec(d_model=16, n_heads=4, d_ff=64, norm_first=True)
@@ -138,6 +141,7 @@ class LayerSpec:
     rotary: nn.Module | None = None
     score_bias: nn.Module | None = None
     attn_impl: str = "auto"
+    experts: Experts | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_heads", "d_ff", "n_kv_heads", "head_dim"):
@@ -237,8 +241,13 @@ def _attention(spec: LayerSpec, *, positions: bool) -> MultiHeadAttention:
 
 
 def _mlp(spec: LayerSpec) -> nn.Module:
-    kind = GatedFeedForward if spec.gated else FeedForward
     rate = spec.dropout if spec.activation_dropout is None else spec.activation_dropout
+    if spec.experts is not None:  # X networks of this shape, and a router
+        return MixtureOfExperts.from_spec(
+            spec.experts, spec.d_model, spec.d_ff, gated=spec.gated,
+            activation=spec.activation, bias=spec.bias, dropout=rate,
+        )  # fmt: skip
+    kind = GatedFeedForward if spec.gated else FeedForward
     return kind(spec.d_model, spec.d_ff, activation=spec.activation, bias=spec.bias, dropout=rate)
 
 

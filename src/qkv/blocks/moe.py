@@ -47,10 +47,11 @@ X experts · k experts per token · C capacity per expert.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,11 +61,13 @@ from qkv.blocks.mlp import ActivationName, FeedForward, GatedFeedForward
 
 __all__ = [
     "MOE_IMPLS",
+    "Experts",
     "MixtureOfExperts",
     "MoEOutput",
     "MoEStats",
     "expert_capacity",
     "experts_loop",
+    "experts_regularizer",
     "experts_sorted",
     "load_balancing_loss",
     "route",
@@ -255,6 +258,83 @@ class MoEOutput:
     stats: MoEStats
 
 
+def _check_routing(
+    n_experts: int, top_k: int, capacity_factor: float | None, gate_softmax: str, impl: str
+) -> None:
+    """Raise a ValueError that names the fix for routing settings that cannot work."""
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be at least 1, got {n_experts}")
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(
+            f"top_k={top_k} must be between 1 and n_experts={n_experts}: each token picks "
+            "top_k distinct experts; lower top_k or add experts"
+        )
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(
+            f"capacity_factor must be > 0 (1.0: an even share per expert; Switch uses "
+            f"1.0 to 1.25), or None for no limit; got {capacity_factor}"
+        )
+    if gate_softmax not in ("top_k", "all"):
+        raise ValueError(f"gate_softmax must be 'top_k' or 'all', got {gate_softmax!r}")
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"unknown MoE impl {impl!r}; choose one of {list(MOE_IMPLS)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Experts:
+    """A mixture of experts in place of a layer's feed-forward network.
+
+    ``LayerSpec(experts=Experts(...))`` gives every layer built from the spec a
+    ``MixtureOfExperts`` whose experts have the feed-forward network's shape (width F, its
+    activation, gating and bias); a model config's ``experts`` field (a dict of these fields in
+    config.json and YAML) does the same for a whole model. The training loss then gains
+    ``aux_loss_coef`` x the load-balancing loss and ``z_loss_coef`` x the router z-loss, each a
+    mean over the layers (``experts_regularizer``).
+
+    Attributes:
+        n_experts: X. top_k: k, experts per token (1: Switch, 2: Mixtral).
+        capacity_factor: see ``expert_capacity``; None: no limit.
+        gate_softmax: ``"top_k"`` (Mixtral) or ``"all"`` (Switch), see ``route``.
+        impl: ``"sorted"`` (batched) or ``"loop"`` (the reference).
+        aux_loss_coef: weight of the load-balancing loss (Switch: 0.01).
+        z_loss_coef: weight of the router z-loss (ST-MoE: 0.001).
+
+    Example:
+        >>> spec = Experts.of({"n_experts": 4, "top_k": 1})  # a config's dict
+        >>> spec.top_k, spec.aux_loss_coef
+        (1, 0.01)
+    """
+
+    n_experts: int
+    top_k: int = 2
+    capacity_factor: float | None = None
+    gate_softmax: GateSoftmax = "top_k"
+    impl: MoEImpl = "sorted"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+    def __post_init__(self) -> None:
+        _check_routing(self.n_experts, self.top_k, self.capacity_factor, self.gate_softmax,
+                       self.impl)  # fmt: skip
+        if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
+            raise ValueError("aux_loss_coef and z_loss_coef must be >= 0 (0 turns a loss off)")
+
+    @classmethod
+    def of(cls, value: Experts | dict[str, Any] | None) -> Experts | None:
+        """An ``Experts`` from itself, from a config's dict of its fields, or None from None."""
+        if value is None or isinstance(value, Experts):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(
+                f"experts must be a mapping of Experts fields (n_experts, top_k, ...), got "
+                f"{type(value).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(value) - known):
+            raise ValueError(f"unknown experts field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**value)
+
+
 class MixtureOfExperts(nn.Module):
     """A feed-forward layer of ``n_experts`` FFNs and a router; each token uses ``top_k``.
 
@@ -298,22 +378,7 @@ class MixtureOfExperts(nn.Module):
         impl: MoEImpl = "sorted",
     ) -> None:
         super().__init__()
-        if n_experts < 1:
-            raise ValueError(f"n_experts must be at least 1, got {n_experts}")
-        if not 1 <= top_k <= n_experts:
-            raise ValueError(
-                f"top_k={top_k} must be between 1 and n_experts={n_experts}: each token picks "
-                "top_k distinct experts; lower top_k or add experts"
-            )
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(
-                f"capacity_factor must be > 0 (1.0: an even share per expert; Switch uses "
-                f"1.0 to 1.25), or None for no limit; got {capacity_factor}"
-            )
-        if gate_softmax not in ("top_k", "all"):
-            raise ValueError(f"gate_softmax must be 'top_k' or 'all', got {gate_softmax!r}")
-        if impl not in MOE_IMPLS:
-            raise ValueError(f"unknown MoE impl {impl!r}; choose one of {list(MOE_IMPLS)}")
+        _check_routing(n_experts, top_k, capacity_factor, gate_softmax, impl)
         self.n_experts, self.top_k, self.impl = n_experts, top_k, impl
         self.capacity_factor, self.gate_softmax = capacity_factor, gate_softmax
         self.router = nn.Linear(d_model, n_experts, bias=False)  # W_r
@@ -323,6 +388,21 @@ class MixtureOfExperts(nn.Module):
             for _ in range(n_experts)
         )
         self.last_output: MoEOutput | None = None
+        self.spec: Experts | None = None  # set by from_spec: the loss coefficients
+
+    @classmethod
+    def from_spec(
+        cls, spec: Experts, d_model: int, d_ff: int, *, gated: bool, activation: ActivationName,
+        bias: bool, dropout: float,
+    ) -> MixtureOfExperts:  # fmt: skip
+        """The mixture ``spec`` describes, its experts shaped like the FFN it replaces."""
+        moe = cls(
+            d_model, d_ff, spec.n_experts, top_k=spec.top_k, gated=gated, activation=activation,
+            bias=bias, dropout=dropout, capacity_factor=spec.capacity_factor,
+            gate_softmax=spec.gate_softmax, impl=spec.impl,
+        )  # fmt: skip
+        moe.spec = spec
+        return moe
 
     @property
     def last_stats(self) -> MoEStats | None:
@@ -360,3 +440,17 @@ class MixtureOfExperts(nn.Module):
             f"n_experts={self.n_experts}, top_k={self.top_k}, capacity_factor="
             f"{self.capacity_factor}, gate_softmax={self.gate_softmax!r}, impl={self.impl!r}"
         )
+
+
+def experts_regularizer(model: nn.Module) -> Tensor | None:
+    """The router losses of ``model``'s last forward, weighted: the mean over its mixture-of-
+    experts layers of aux_loss_coef x load balancing + z_loss_coef x z-loss, with each layer's
+    coefficients from the ``Experts`` it was built from (layers built without one count 0).
+    None when the model has no such layer or has not run since it was built."""
+    terms = []
+    for module in model.modules():
+        if isinstance(module, MixtureOfExperts) and module.last_output is not None:
+            spec, out = module.spec, module.last_output
+            if spec is not None:
+                terms.append(spec.aux_loss_coef * out.aux_loss + spec.z_loss_coef * out.z_loss)
+    return torch.stack(terms).mean() if terms else None

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from qkv.blocks.moe import experts_regularizer
+
 __all__ = [
     "FAMILIES",
     "ModelOutput",
@@ -107,9 +109,10 @@ class QkvModel(nn.Module):
 
     def training_regularizer(self) -> Tensor | None:
         """What the last forward adds to the training objective beyond the task's loss,
-        already weighted (a mixture of experts' router losses); None for most families.
-        Trainers add it to the loss they minimise (``qkv.train`` does)."""
-        return None
+        already weighted: a mixture of experts' router losses (``experts_regularizer``);
+        None for a model without experts. Trainers add it to the loss they minimise
+        (``qkv.train`` does)."""
+        return experts_regularizer(self)
 
     def __init__(self, config: Any) -> None:
         super().__init__()
