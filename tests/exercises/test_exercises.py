@@ -19,8 +19,9 @@ import torch
 from torch.nn import functional as F
 
 from qkv.cli.main import main
-from qkv.exercises import EXERCISES, PAGES, check_path, get
+from qkv.exercises import EXERCISES, PAGES, check_path, get, page_of
 from qkv.exercises.grading import Report, grade
+from tests.exercises.test_exercises_later_pages import WRONG as WRONG_LATER_PAGES
 
 SOLUTIONS = Path(__file__).resolve().parent / "solutions"
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,44 @@ def test_every_page_has_three_to_five_exercises() -> None:
 
 def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return q @ k.transpose(-2, -1)
+
+
+def rnn_last_state_only(x: torch.Tensor, w_h: torch.Tensor, w_x: torch.Tensor) -> torch.Tensor:
+    h = torch.zeros(w_h.shape[0])
+    for x_t in x:
+        h = torch.tanh(h @ w_h + x_t @ w_x)
+    return h
+
+
+def rnn_no_recurrence(x: torch.Tensor, w_h: torch.Tensor, w_x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x @ w_x)  # every step at once: no h_{t-1}
+
+
+def additive_no_tanh(s_prev: Any, h: Any, W: Any, U: Any, v: Any) -> Any:
+    weights = torch.softmax(((s_prev @ W.T).unsqueeze(-2) + h @ U.T) @ v, dim=-1)
+    return (weights.unsqueeze(-2) @ h).squeeze(-2), weights
+
+
+def additive_dot_product(s_prev: Any, h: Any, W: Any, U: Any, v: Any) -> Any:
+    scores = (h @ s_prev.unsqueeze(-1)).squeeze(-1) * h.shape[-1] ** -0.5
+    weights = torch.softmax(scores, dim=-1)
+    return (weights.unsqueeze(-2) @ h).squeeze(-2), weights
+
+
+def embed_no_scale(ids: torch.Tensor, table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return table[ids] + pos[: ids.shape[-1]]
+
+
+def embed_scale_after_positions(ids: Any, table: Any, pos: Any) -> torch.Tensor:
+    return (table[ids] + pos[: ids.shape[-1]]) * table.shape[-1] ** 0.5
+
+
+def tied_probabilities(h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(h @ table.T, dim=-1)
+
+
+def tied_scaled(h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return h @ table.T / h.shape[-1] ** 0.5
 
 
 def softmax_unstable(x: torch.Tensor) -> torch.Tensor:
@@ -297,6 +336,72 @@ def cached_new_first(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any)
     return _cached(q, k, v, mask), k, v
 
 
+def _distance(t: int, s: int | None, *, top_left: bool = False) -> torch.Tensor:
+    s = t if s is None else s
+    query_pos = torch.arange(t) if top_left else torch.arange(s - t, s)
+    return query_pos[:, None] - torch.arange(s)[None, :]  # (T, S): the distance
+
+
+def window_off_by_one(t: int, window: int, s: int | None = None) -> torch.Tensor:
+    distance = _distance(t, s)
+    return (distance >= 0) & (distance <= window)
+
+
+def window_not_causal(t: int, window: int, s: int | None = None) -> torch.Tensor:
+    return _distance(t, s).abs() < window
+
+
+def window_top_left(t: int, window: int, s: int | None = None) -> torch.Tensor:
+    distance = _distance(t, s, top_left=True)
+    return (distance >= 0) & (distance < window)
+
+
+def _online(q: Any, k: Any, v: Any, block: int, *, rescale: bool, stable: bool) -> Any:
+    scores = _scores(q, k) * q.shape[-1] ** -0.5
+    m = torch.full(q.shape[:-1], float("-inf") if stable else 0.0)
+    total, acc = torch.zeros(q.shape[:-1]), torch.zeros(*q.shape[:-1], v.shape[-1])
+    for start in range(0, k.shape[-2], block):
+        s_j, v_j = scores[..., start : start + block], v[..., start : start + block, :]
+        new_m = torch.maximum(m, s_j.amax(-1)) if stable else m
+        alpha = torch.exp(m - new_m) if rescale else torch.ones_like(m)
+        p = torch.exp(s_j - new_m[..., None])
+        total, acc, m = alpha * total + p.sum(-1), alpha[..., None] * acc + p @ v_j, new_m
+    return acc / total[..., None], m + total.log()
+
+
+def online_no_rescale(q: Any, k: Any, v: Any, block_size: int) -> Any:
+    return _online(q, k, v, block_size, rescale=False, stable=True)
+
+
+def online_overflows(q: Any, k: Any, v: Any, block_size: int) -> Any:
+    return _online(q, k, v, block_size, rescale=True, stable=False)  # exp of raw scores
+
+
+def online_lse_without_max(q: Any, k: Any, v: Any, block_size: int) -> Any:
+    out, lse = _online(q, k, v, block_size, rescale=True, stable=True)
+    return out, lse - (_scores(q, k) * q.shape[-1] ** -0.5).amax(-1)
+
+
+def _linear(phi_q: Any, phi_k: Any, v: Any, mask: torch.Tensor, normalise: bool = True) -> Any:
+    sim = _scores(phi_q, phi_k).masked_fill(~mask, 0.0)
+    return (sim / sim.sum(-1, keepdim=True) if normalise else sim) @ v
+
+
+def linear_not_causal(phi_q: Any, phi_k: Any, v: Any) -> Any:
+    t = phi_q.shape[-2]
+    return _linear(phi_q, phi_k, v, torch.ones(t, t, dtype=torch.bool))
+
+
+def linear_excludes_itself(phi_q: Any, phi_k: Any, v: Any) -> Any:
+    t = phi_q.shape[-2]
+    return _linear(phi_q, phi_k, v, torch.ones(t, t, dtype=torch.bool).tril(-1))  # 0/0 at t=0
+
+
+def linear_no_normaliser(phi_q: Any, phi_k: Any, v: Any) -> Any:
+    t = phi_q.shape[-2]
+    return _linear(phi_q, phi_k, v, torch.ones(t, t, dtype=torch.bool).tril(), normalise=False)
+
+
 def entropy_naive(weights: torch.Tensor) -> torch.Tensor:
     return -(weights * weights.log()).sum(-1).mean(-1)
 
@@ -325,6 +430,20 @@ def rollout_no_residual(weights: torch.Tensor) -> torch.Tensor:
 
 # (exercise, wrong answer, a phrase its hint must contain)
 WRONG: list[tuple[str, Any, str]] = [
+    ("00.1", 16, "each float32 score takes 4 bytes"),
+    ("00.1", 4096 * 4096 * 4 / 1e6, "not a million"),
+    ("00.2", math.exp(2) / (2 * math.exp(2) + 1), "the tanh goes on each entry"),
+    ("00.2", 1 / (math.e + 1 / math.e + 1), "dot-product score"),
+    ("00.3", rnn_last_state_only, "return every state"),
+    ("00.3", rnn_no_recurrence, "needs the one before it"),
+    ("00.4", additive_no_tanh, "the tanh goes on"),
+    ("00.4", additive_dot_product, "scaled dot product"),
+    ("00b.1", 11, "counts the tokens"),
+    ("00b.2", 2 * 32_000 * 4_096, "both matrices"),
+    ("00b.3", embed_no_scale, "multiply the token embeddings by sqrt(D)"),
+    ("00b.3", embed_scale_after_positions, "scale only the token embeddings"),
+    ("00b.4", tied_probabilities, "before any softmax"),
+    ("00b.4", tied_scaled, "no 1/sqrt(D) scale"),
     ("01.1", 1 / (1 + math.exp(-3.0)), "without the scale"),
     ("01.1", 1 / (1 + math.exp(-0.75)), "you divided by d_k"),
     ("01.2", 256, "square root"),
@@ -377,11 +496,25 @@ WRONG: list[tuple[str, Any, str]] = [
     ("08.3", top_p_drops_crossing, "takes the total past p"),
     ("08.4", cached_top_left, "off by P"),
     ("08.4", cached_new_first, "earlier positions"),
+    ("09.1", math.exp(-1) + 1 + 1 + math.exp(-4), "multiply it by α"),
+    ("09.1", math.exp(-1) + 1 + math.exp(2) + math.exp(-2), "relative to the new maximum"),
+    ("09.2", 320, "not the H = 64 query heads"),
+    ("09.2", 20, "a key *and* a value"),
+    ("09.3", window_off_by_one, "off by one"),
+    ("09.3", window_not_causal, "no key after the query"),
+    ("09.3", window_top_left, "align bottom-right"),
+    ("09.4", online_no_rescale, "multiply ℓ and acc by α"),
+    ("09.4", online_overflows, "subtract the running maximum"),
+    ("09.4", online_lse_without_max, "add the final maximum"),
+    ("09.5", linear_not_causal, "only keys 0 .. t"),
+    ("09.5", linear_excludes_itself, "key t itself"),
+    ("09.5", linear_no_normaliser, "divide by the normaliser"),
     ("10.1", 1.5, "bits"),
     ("10.2", entropy_naive, "0·log 0"),
     ("10.2", entropy_counts_empty_rows, "leave out queries"),
     ("10.3", rollout_reversed, "other order"),
     ("10.3", rollout_no_residual, "identity"),
+    *WRONG_LATER_PAGES,  # pages 11, 12, 14 and 15
 ]
 
 
@@ -447,7 +580,7 @@ def test_exercises_of_a_page_and_of_one(capsys: pytest.CaptureFixture[str]) -> N
     assert "01.1" not in out
     code, out, _ = run(capsys, "exercises", "01.4")
     assert code == 0 and "def attention(...)" in out
-    code, _, err = run(capsys, "exercises", "09")
+    code, _, err = run(capsys, "exercises", "99")
     assert code == 2 and "no exercises" in err
     code, _, err = run(capsys, "exercises", "01.9")
     assert code == 2 and "no exercise '01.9'" in err
@@ -457,6 +590,18 @@ def test_check_passes_a_solution(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "check", "01.4", str(SOLUTIONS / "ex_01_4.py"))
     assert code == 0, out
     assert out.count("  pass  ") == 3 and "passed: all 3 cases." in out
+
+
+def test_page_ids_with_a_letter(capsys: pytest.CaptureFixture[str]) -> None:
+    """Page 0b sits between 0 and 1: "0b" and "00b" name it as "1" and "01" name page 01."""
+    assert page_of("1") == page_of("01") == "01"
+    assert page_of("0b") == page_of("00b") == "00b"
+    assert page_of("b") is None and page_of("13b") is None
+    assert get("0b.2") is get("00b.2") and get("1.3") is get("01.3")
+    code, out, _ = run(capsys, "exercises", "0b")
+    assert code == 0 and "qkv check 00b.3 ex_00b_3.py" in out and "00.1" not in out
+    code, out, _ = run(capsys, "check", "00b.4", str(SOLUTIONS))
+    assert code == 0 and "ex_00b_4.py" in out
 
 
 def test_check_a_folder_finds_the_file_by_name(capsys: pytest.CaptureFixture[str]) -> None:
@@ -554,6 +699,7 @@ def test_the_softmax_exercise_switches_torch_softmax_off(
 
 def test_every_page_lists_its_exercises_and_questions() -> None:
     for page, path in PAGES.items():
+        assert Path(path).name.startswith(f"{page}-"), (page, path)
         text = (ROOT / path).read_text(encoding="utf-8")
         assert "## Exercises" in text and "## Check your understanding" in text, path
         section = text.split("## Exercises", 1)[1].split("\n## ", 1)[0]

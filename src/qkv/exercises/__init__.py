@@ -1,75 +1,71 @@
 """Exercises with checkers for the learning path: ``qkv exercises`` lists them, ``qkv check``
 grades a learner's file.
 
-Every page of docs/learn/ from 1 to 8, and page 10, ends with exercises that go from a number
-worked out by hand to a function written in full. Each lives in the module of its page
-(``p01_attention.py``, ...) with its checker: hidden cases from a fixed seed, compared with
-qkv's own implementation, with hints aimed at the usual mistakes. ``grading.py`` holds the
-machinery they share. The reference solutions are not part of the package: they live in the
-repository, under tests/exercises/solutions/, where the tests prove that each passes its checker.
+The pages of docs/learn/ end with exercises that go from a number worked out by hand to a
+function written in full. Each page's exercises live in one module (``p01_attention.py``, ...)
+with their checkers: hidden cases from a fixed seed, compared with qkv's own implementation,
+with hints aimed at the usual mistakes. ``grading.py`` holds the exercise record and runs the
+learner's code; ``cases.py`` builds the hidden inputs and compares results. The reference
+solutions are not part of the package: they live in the repository, under
+tests/exercises/solutions/, where the tests prove that each passes its checker.
 
 Only the command line (``qkv.cli``) imports this package.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from qkv.exercises import (
-    p01_attention,
-    p02_masks,
-    p03_multi_head,
-    p04_positions,
-    p05_blocks,
-    p06_architectures,
-    p07_training,
-    p08_generation,
-    p10_looking_inside,
-)
 from qkv.exercises.grading import Exercise, LoadError, Report, find_file, grade, load_answer
 
 __all__ = ["EXERCISES", "PAGES", "Exercise", "LoadError", "Report", "check_path", "get", "page_of"]
 
-# The learning-path page of each group of exercises.
-PAGES: dict[str, str] = {
-    "01": "docs/learn/01-attention.md",
-    "02": "docs/learn/02-self-attention-and-masks.md",
-    "03": "docs/learn/03-multi-head.md",
-    "04": "docs/learn/04-positions.md",
-    "05": "docs/learn/05-blocks.md",
-    "06": "docs/learn/06-architectures.md",
-    "07": "docs/learn/07-training.md",
-    "08": "docs/learn/08-generation.md",
-    "10": "docs/learn/10-looking-inside.md",
-}
+# The page modules, in learning-path order: each defines PAGE (its docs/learn/ page) and
+# EXERCISES. A new page's exercises need only their module's name here.
+PAGE_MODULES = (
+    "p00_why_attention",
+    "p00b_tokens",
+    "p01_attention",
+    "p02_masks",
+    "p03_multi_head",
+    "p04_positions",
+    "p05_blocks",
+    "p06_architectures",
+    "p07_training",
+    "p08_generation",
+    "p09_efficient_attention",
+    "p10_looking_inside",
+    "p11_loading_weights",
+    "p12_fine_tuning",
+    "p14_retrieval",
+    "p15_build_a_gpt",
+)
+_modules = [importlib.import_module(f"{__name__}.{name}") for name in PAGE_MODULES]
 
-EXERCISES: dict[str, Exercise] = {
-    exercise.id: exercise
-    for module in (
-        p01_attention,
-        p02_masks,
-        p03_multi_head,
-        p04_positions,
-        p05_blocks,
-        p06_architectures,
-        p07_training,
-        p08_generation,
-        p10_looking_inside,
-    )
-    for exercise in module.EXERCISES
-}
+# The learning-path page of each group of exercises: "01" -> "docs/learn/01-attention.md".
+PAGES: dict[str, str] = {e.page: module.PAGE for module in _modules for e in module.EXERCISES}
+
+EXERCISES: dict[str, Exercise] = {e.id: e for module in _modules for e in module.EXERCISES}
+
+
+def _page_id(text: str) -> str:
+    """ "1" -> "01", "0b" -> "00b": a page's number to two digits, a letter after it kept."""
+    text = text.strip()
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return number.zfill(2) + text[len(number) :] if number else text
 
 
 def page_of(text: str) -> str | None:
-    """ "1", "01" -> "01" when that page has exercises; None otherwise."""
-    page = text.strip().zfill(2)
+    """ "1", "01" -> "01" (and "0b" -> "00b") when that page has exercises; None otherwise."""
+    page = _page_id(text)
     return page if page in PAGES else None
 
 
 def get(exercise_id: str) -> Exercise:
     """The exercise "01.3" (also written "1.3"); a KeyError naming the choices otherwise."""
     page, _, number = exercise_id.strip().partition(".")
-    key = f"{page.zfill(2)}.{number}"
+    key = f"{_page_id(page)}.{number}"
     if key not in EXERCISES:
         raise KeyError(
             f"no exercise {exercise_id!r}; the exercises are {', '.join(EXERCISES)} "

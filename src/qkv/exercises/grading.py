@@ -1,12 +1,12 @@
-"""How ``qkv check`` grades a learner's file: the exercise record, hidden cases, comparisons.
+"""How ``qkv check`` grades a learner's file: the exercise record, loading and running it.
 
 An exercise names one thing the learner's file must define: a function (``def attention(...)``)
 or, for an exercise done by hand, a value (``ANSWER = 0.82``). Its checker feeds that thing
 hidden cases, fresh random inputs from a fixed seed, and compares the result with qkv's own
-implementation within a stated tolerance. A case that fails says what it tested (shapes, mask
-kind), how far off the result was, and a hint; where the wrong result equals a known mistake
-(attention without the 1/sqrt(d_k) scale, a mask the wrong way round) the hint names that
-mistake. The expected result itself is never printed.
+implementation within a stated tolerance (``cases.py`` builds the inputs and compares). A case
+that fails says what it tested (shapes, mask kind), how far off the result was, and a hint;
+where the wrong result equals a known mistake (attention without the 1/sqrt(d_k) scale, a mask
+the wrong way round) the hint names that mistake. The expected result itself is never printed.
 
 The learner's file is their own code and runs in this process, imported like any module (its
 ``if __name__ == "__main__":`` block does not run). Nothing is sandboxed: check only files you
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import re
 import sys
 import traceback
@@ -26,26 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 __all__ = [
+    "CaseFailed",
     "CaseResult",
     "Exercise",
     "LoadError",
     "Report",
     "call",
-    "compare_number",
-    "compare_tensor",
     "find_file",
     "forbid",
-    "generator",
     "grade",
     "learner_traceback",
     "load_answer",
-    "raised",
-    "randn",
-    "shape",
+    "require",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -61,6 +55,23 @@ class CaseResult:
     hint: str = ""
 
 
+class CaseFailed(Exception):
+    """A failed case that ends the check: ``call`` raises it when the learner's function raised
+    or returned the wrong kind of thing, ``require`` when a comparison failed; ``grade`` records
+    ``result``."""
+
+    def __init__(self, result: CaseResult) -> None:
+        super().__init__(result.problem)
+        self.result = result
+
+
+def require(result: CaseResult) -> None:
+    """Stop the case at ``result`` if it failed: for a case that compares several things (the
+    parts of a tuple, the tensors of a state dict), each must pass before the next is looked at."""
+    if not result.passed:
+        raise CaseFailed(result)
+
+
 Checker = Callable[[Any], Iterable[CaseResult]]
 
 
@@ -68,9 +79,10 @@ Checker = Callable[[Any], Iterable[CaseResult]]
 class Exercise:
     """One exercise of a learning-path page.
 
-    ``id`` is "PAGE.N" (e.g. "01.3"); ``name`` is what the learner's file defines: a function
-    for ``kind="code"``, ``ANSWER`` for ``kind="by hand"``. ``check`` yields one result per
-    hidden case, simplest first; grading stops at the first failure.
+    ``id`` is "PAGE.N" (e.g. "01.3", "00b.2"); ``name`` is what the learner's file defines: a
+    function for ``kind="code"``, ``ANSWER`` for ``kind="by hand"``. ``check`` yields one result
+    per hidden case, simplest first; grading stops at the first failure, or at the
+    ``CaseFailed`` that ``call`` or ``require`` raises.
     """
 
     id: str
@@ -82,7 +94,7 @@ class Exercise:
 
     @property
     def page(self) -> str:
-        """The learning-path page, "01" ... "10"."""
+        """The learning-path page: "00", "00b", "01", ..."""
         return self.id.split(".")[0]
 
     @property
@@ -119,10 +131,13 @@ def grade(exercise: Exercise, answer: object) -> Report:
             ],
         )
     cases: list[CaseResult] = []
-    for result in exercise.check(answer):
-        cases.append(result)
-        if not result.passed:
-            break
+    try:
+        for result in exercise.check(answer):
+            cases.append(result)
+            if not result.passed:
+                break
+    except CaseFailed as failed:
+        cases.append(failed.result)
     return Report(exercise, cases)
 
 
@@ -210,139 +225,49 @@ def load_answer(exercise: Exercise, file: Path) -> object:
 
 
 # ---------------------------------------------------------------------------------------------
-# Calling the learner's function and comparing what it returns.
+# Running the learner's function.
 
 
-def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str | None]:
-    """``fn(*args, **kwargs)`` and None, or None and the learner's traceback if it raised."""
-    try:
-        return fn(*args, **kwargs), None
-    except Exception as e:
-        return None, f"raised an error:\n{learner_traceback(e)}"
-
-
-def raised(tested: str, error: str, signature: str) -> CaseResult:
-    """The result of a case in which the learner's function raised."""
-    return CaseResult(tested, False, error, f"the function is called as {signature}")
-
-
-def shape(t: Tensor) -> str:
-    return str(tuple(t.shape))
-
-
-def _max_error(got: Tensor, want: Tensor) -> float:
-    """Largest |got - want|, counting equal infinities as 0 and any NaN as infinite."""
-    diff = (got.double() - want.double()).abs()
-    diff = diff.masked_fill(got.double() == want.double(), 0.0).nan_to_num(nan=math.inf)
-    return float(diff.max()) if diff.numel() else 0.0
-
-
-def _close(got: Tensor, want: Tensor, atol: float, rtol: float) -> bool:
-    if got.shape != want.shape:
-        return False
-    if want.dtype == torch.bool or got.dtype == torch.bool:
-        return bool(torch.equal(got.bool(), want.bool()))
-    return bool(torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol))
-
-
-Wrong = Sequence[tuple[Tensor | None, str]]
-
-
-def compare_tensor(
+def call(
     tested: str,
-    got: object,
-    want: Tensor,
-    *,
-    hint: str,
-    wrong: Wrong = (),
-    nan_hint: str | None = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
-    what: str = "the result",
-) -> CaseResult:
-    """Compare a tensor the learner returned with the expected one.
+    signature: str,
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    returns: Sequence[str] = (),
+    **kwargs: Any,
+) -> Any:
+    """Run the learner's ``fn(*args, **kwargs)`` on copies of the tensors among ``args`` and
+    ``kwargs``, for the case ``tested``; return what it returns.
 
     Args:
-        tested: what the case fed the function (shapes, mask kind), printed with the result.
-        got: what the learner's function returned.
-        want: the expected tensor (never printed).
-        hint: the hint when the result is wrong in no recognised way.
-        wrong: (output of a known mistake, hint naming it); the first one the result equals,
-            within the same tolerance, gives the hint.
-        nan_hint: the hint when the result holds NaN or ±inf where the expected one is finite
-            (an overflowing exp, a 0·log 0).
-        atol, rtol: the tolerance, |got - want| <= atol + rtol |want| elementwise.
-        what: what the compared tensor is, in messages ("the weights").
+        tested: what the case feeds the function, printed with a failure.
+        signature: how the function is called, the hint when it raises
+            ("attention(q, k, v)").
+        fn: the learner's function.
+        returns: for a function that returns a tuple, the names of its parts
+            (("out", "weights")); anything else it returns fails the case.
+
+    Raises:
+        CaseFailed: ``fn`` raised (the case shows the learner's own traceback) or did not return
+            the tuple named by ``returns``; ``grade`` records the failed case and stops there.
     """
-    if not isinstance(got, Tensor):
-        return CaseResult(
-            tested,
-            False,
-            f"{what} is a {type(got).__name__}, expected a tensor of shape {shape(want)}",
-            "return a torch.Tensor",
-        )
-    if want.dtype == torch.bool and got.dtype != torch.bool:
-        return CaseResult(
-            tested,
-            False,
-            f"{what} has dtype {got.dtype}, expected torch.bool",
-            "a mask is boolean, True = may attend: build it from comparisons (<=, <, &, |)",
-        )
-    matches = [h for w, h in wrong if w is not None and _close(got, w, atol, rtol)]
-    if got.shape != want.shape:
-        problem = f"{what} has shape {shape(got)}, expected {shape(want)}"
-        return CaseResult(tested, False, problem, matches[0] if matches else hint)
-    if _close(got, want, atol, rtol):
-        return CaseResult(tested, True)
-    if want.dtype == torch.bool:
-        n_wrong = int((got != want).sum())
-        problem = f"{what}: {n_wrong} of {want.numel()} entries differ from the expected mask"
-    else:
-        problem = (
-            f"{what}: max |error| {_max_error(got, want):.3g} "
-            f"(tolerance {atol:g} + {rtol:g}·|expected|)"
-        )
-        if nan_hint is not None and bool((~got.isfinite() & want.isfinite()).any()):
-            return CaseResult(tested, False, f"{what}: contains NaN or infinity", nan_hint)
-    return CaseResult(tested, False, problem, matches[0] if matches else hint)
-
-
-def compare_number(
-    got: object,
-    want: float,
-    *,
-    tol: float,
-    relative: bool = False,
-    hint: str,
-    wrong: Sequence[tuple[float, str]] = (),
-) -> CaseResult:
-    """Compare a number worked out by hand (``ANSWER``) with the expected one.
-
-    Args:
-        got: the learner's ANSWER.
-        want: the expected value (never printed).
-        tol: the tolerance, absolute or, with ``relative``, a fraction of ``want``.
-        hint: the hint when the answer matches no known mistake.
-        wrong: (the answer a known mistake gives, hint naming it).
-    """
-    tested = "ANSWER"
+    # Copies of the tensors: a function that writes into its inputs cannot change the case.
+    args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+    kwargs = {k: a.clone() if isinstance(a, Tensor) else a for k, a in kwargs.items()}
     try:
-        if isinstance(got, (bool, str)):
-            raise TypeError
-        value = float(got)  # type: ignore[arg-type]
-    except (TypeError, ValueError, RuntimeError):
-        return CaseResult(
-            tested, False, f"ANSWER is a {type(got).__name__}", "write a number: ANSWER = 0.123"
+        got = fn(*args, **kwargs)
+    except Exception as e:
+        problem = f"raised an error:\n{learner_traceback(e)}"
+        raise CaseFailed(
+            CaseResult(tested, False, problem, f"the function is called as {signature}")
+        ) from None
+    if returns and not (isinstance(got, tuple) and len(got) == len(returns)):
+        what = f"a tuple of {len(got)}" if isinstance(got, tuple) else f"a {type(got).__name__}"
+        raise CaseFailed(
+            CaseResult(tested, False, f"returned {what}", f"return ({', '.join(returns)})")
         )
-    allowed = tol * abs(want) if relative else tol
-    stated = f"{tol:.1%} of the answer" if relative else f"±{tol:g}"
-    if abs(value - want) <= allowed:
-        return CaseResult(tested, True)
-    problem = f"ANSWER = {value:g} is not the expected value (tolerance {stated})"
-    for w, h in wrong:
-        if abs(value - w) <= (tol * abs(w) if relative else tol):
-            return CaseResult(tested, False, problem, h)
-    return CaseResult(tested, False, problem, hint)
+    return got
 
 
 @contextlib.contextmanager
@@ -361,12 +286,3 @@ def forbid(targets: Sequence[tuple[Any, str]], advice: str) -> Iterator[None]:
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
-
-
-def generator(seed: int) -> torch.Generator:
-    """The random source of one hidden case: the same inputs on every run."""
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(g: torch.Generator, *size: int) -> Tensor:
-    return torch.randn(*size, generator=g)

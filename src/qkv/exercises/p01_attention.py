@@ -14,19 +14,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from qkv.attention.core import reference_attention
-from qkv.exercises.grading import (
-    CaseResult,
-    Exercise,
-    call,
-    compare_number,
-    compare_tensor,
-    forbid,
-    generator,
-    raised,
-    randn,
-)
+from qkv.exercises.cases import compare_attention, compare_number, compare_tensor, generator, randn
+from qkv.exercises.grading import CaseResult, Exercise, call, forbid
 
-__all__ = ["EXERCISES"]
+__all__ = ["EXERCISES", "PAGE"]
+
+PAGE = "docs/learn/01-attention.md"
 
 
 def _sigmoid(x: float) -> float:
@@ -84,10 +77,7 @@ def check_softmax(fn: Callable[..., Any]) -> Iterator[CaseResult]:
             "write softmax yourself with torch.exp and .sum (torch.softmax is off for this "
             "exercise)",
         ):
-            got, error = call(fn, x.clone())
-        if error is not None:
-            yield raised(tested, error, "softmax(x) with x a float tensor (..., N)")
-            return
+            got = call(tested, "softmax(x) with x a float tensor (..., N)", fn, x)
         wrong = [(torch.softmax(x, dim=0), "you normalised over the first dimension: use dim=-1")]
         if x.dim() > 1:
             wrong.append((torch.softmax(x, dim=-2), "you normalised over dim=-2: use dim=-1"))
@@ -114,6 +104,7 @@ def _weights(q: Tensor, k: Tensor, scale: float) -> Tensor:
 
 
 def check_attention(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "attention(q, k, v) or attention(q, k, v, scale=0.3)"
     cases = [
         ("q (2, 3, 4, 8), k (2, 3, 8, 8), v (2, 3, 8, 5): S = E", (2, 3), 4, 8, 8, 5, None),
         ("q (3, 8), k/v (5, 8), default scale", (3,), 3, 5, 8, 8, None),
@@ -124,15 +115,7 @@ def check_attention(fn: Callable[..., Any]) -> Iterator[CaseResult]:
         q, k, v = randn(g, *lead, t, e), randn(g, *lead, s, e), randn(g, *lead, s, ev)
         want_out, want_w = reference_attention(q, k, v, scale=scale)
         kwargs = {} if scale is None else {"scale": scale}
-        got, error = call(fn, q.clone(), k.clone(), v.clone(), **kwargs)
-        if error is not None:
-            yield raised(tested, error, "attention(q, k, v) or attention(q, k, v, scale=0.3)")
-            return
-        if not (isinstance(got, tuple) and len(got) == 2):
-            yield CaseResult(
-                tested, False, f"returned a {type(got).__name__}", "return (out, weights)"
-            )
-            return
+        got = call(tested, signature, fn, q, k, v, **kwargs, returns=("out", "weights"))
         default = e**-0.5
         used = default if scale is None else scale
         wrong = [
@@ -152,23 +135,14 @@ def check_attention(fn: Callable[..., Any]) -> Iterator[CaseResult]:
             )
         if scale is not None:
             wrong.append((_weights(q, k, default), "use the `scale` argument when it is given"))
-        result = compare_tensor(
+        yield compare_attention(
             tested,
-            got[1],
+            got,
+            want_out,
             want_w,
             hint="weights = softmax(q @ k.transpose(-2, -1) * scale, dim=-1)",
             wrong=wrong,
-            what="the weights",
         )
-        if result.passed:
-            result = compare_tensor(
-                tested,
-                got[0],
-                want_out,
-                hint="your weights are right: the output is weights @ v",
-                what="the output",
-            )
-        yield result
 
 
 EXERCISES = [

@@ -13,18 +13,12 @@ from torch import Tensor
 
 from qkv.attention import masks
 from qkv.attention.core import reference_attention
-from qkv.exercises.grading import (
-    CaseResult,
-    Exercise,
-    call,
-    compare_number,
-    compare_tensor,
-    generator,
-    raised,
-    randn,
-)
+from qkv.exercises.cases import compare_attention, compare_number, compare_tensor, generator, randn
+from qkv.exercises.grading import CaseResult, Exercise, call
 
-__all__ = ["EXERCISES"]
+__all__ = ["EXERCISES", "PAGE"]
+
+PAGE = "docs/learn/02-self-attention-and-masks.md"
 
 
 def check_count(answer: Any) -> Iterator[CaseResult]:
@@ -58,10 +52,8 @@ def _causal_top_left(t: int, s: int) -> Tensor:
 def check_causal(fn: Callable[..., Any]) -> Iterator[CaseResult]:
     for t, s in [(4, None), (5, 5), (3, 7), (1, 6)]:
         tested = f"causal_mask({t})" if s is None else f"causal_mask({t}, {s})"
-        got, error = call(fn, t) if s is None else call(fn, t, s)
-        if error is not None:
-            yield raised(tested, error, "causal_mask(t) and causal_mask(t, s)")
-            return
+        args = (t,) if s is None else (t, s)
+        got = call(tested, "causal_mask(t) and causal_mask(t, s)", fn, *args)
         want = masks.causal(t, s)
         s_ = t if s is None else s
         query_pos = torch.arange(s_ - t, s_)[:, None]  # (T, 1)
@@ -83,12 +75,10 @@ def check_causal(fn: Callable[..., Any]) -> Iterator[CaseResult]:
 
 
 def check_padding(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "padding_mask(lengths, s) with lengths a list of ints"
     for lengths, s in [([3, 5, 1], 5), ([2, 2], 4), ([0, 3], 3)]:
         tested = f"padding_mask({lengths}, {s})"
-        got, error = call(fn, list(lengths), s)
-        if error is not None:
-            yield raised(tested, error, "padding_mask(lengths, s) with lengths a list of ints")
-            return
+        got = call(tested, signature, fn, list(lengths), s)
         want = masks.padding(lengths, s)  # (B, 1, 1, S)
         flat = want[:, 0, 0, :]  # (B, S)
         positions = torch.arange(s)[None, :]
@@ -109,6 +99,7 @@ def check_padding(fn: Callable[..., Any]) -> Iterator[CaseResult]:
 
 
 def check_masked_attention(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "masked_attention(q, k, v, mask), mask boolean"
     b, h, t, e = 2, 3, 5, 8
     cases = [
         ("causal mask (T, S) = (5, 5)", masks.causal(t)),
@@ -122,15 +113,7 @@ def check_masked_attention(fn: Callable[..., Any]) -> Iterator[CaseResult]:
         g = generator(300 + seed)
         q, k, v = randn(g, b, h, t, e), randn(g, b, h, t, e), randn(g, b, h, t, e)
         tested = f"q/k/v ({b}, {h}, {t}, {e}), {tested}"
-        got, error = call(fn, q.clone(), k.clone(), v.clone(), mask.clone())
-        if error is not None:
-            yield raised(tested, error, "masked_attention(q, k, v, mask), mask boolean")
-            return
-        if not (isinstance(got, tuple) and len(got) == 2):
-            yield CaseResult(
-                tested, False, f"returned a {type(got).__name__}", "return (out, weights)"
-            )
-            return
+        got = call(tested, signature, fn, q, k, v, mask, returns=("out", "weights"))
         want_out, want_w = reference_attention(q, k, v, mask)
         scores = (q @ k.transpose(-2, -1)) * e**-0.5  # (B, H, T, S)
         low = torch.finfo(scores.dtype).min
@@ -138,11 +121,11 @@ def check_masked_attention(fn: Callable[..., Any]) -> Iterator[CaseResult]:
         inverted = torch.softmax(scores.masked_fill(mask, low), dim=-1).masked_fill(mask, 0.0)
         added = torch.softmax(scores + mask.float(), dim=-1)
         unscaled = reference_attention(q, k, v, mask, scale=1.0)[1]
-        result = compare_tensor(
+        yield compare_attention(
             tested,
-            got[1],
+            got,
+            want_out,
             want_w,
-            what="the weights",
             hint="scores of hidden keys become a large negative number before the softmax, "
             "and their weights become 0 after it",
             wrong=[
@@ -156,12 +139,8 @@ def check_masked_attention(fn: Callable[..., Any]) -> Iterator[CaseResult]:
             nan_hint="a query whose keys are all hidden gets a row of -inf, and softmax of "
             "that is NaN: fill with torch.finfo(scores.dtype).min instead of -inf, then zero the "
             "hidden weights after the softmax",
+            output_hint="out = weights @ v",
         )  # fmt: skip
-        if result.passed:
-            result = compare_tensor(
-                tested, got[0], want_out, what="the output", hint="out = weights @ v"
-            )
-        yield result
 
 
 EXERCISES = [

@@ -14,18 +14,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from qkv.blocks.norms import layer_norm_reference, rms_norm
-from qkv.exercises.grading import (
-    CaseResult,
-    Exercise,
-    call,
-    compare_number,
-    compare_tensor,
-    generator,
-    raised,
-    randn,
-)
+from qkv.exercises.cases import compare_number, compare_tensor, generator, randn
+from qkv.exercises.grading import CaseResult, Exercise, call
 
-__all__ = ["EXERCISES"]
+__all__ = ["EXERCISES", "PAGE"]
+
+PAGE = "docs/learn/05-blocks.md"
 
 
 def check_layer_norm_by_hand(answer: Any) -> Iterator[CaseResult]:
@@ -55,12 +49,10 @@ def _layer_norm_cases() -> list[tuple[str, Tensor, Tensor | None, Tensor | None]
 
 
 def check_layer_norm(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "layer_norm(x, weight, bias, eps), weight/bias maybe None"
     eps = 1e-5
     for tested, x, weight, bias in _layer_norm_cases():
-        got, error = call(fn, x.clone(), weight, bias, eps)
-        if error is not None:
-            yield raised(tested, error, "layer_norm(x, weight, bias, eps), weight/bias maybe None")
-            return
+        got = call(tested, signature, fn, x, weight, bias, eps)
         want = layer_norm_reference(x, weight, bias, eps)
         mean = x.mean(-1, keepdim=True)
         centred = x - mean
@@ -92,10 +84,7 @@ def check_rms_norm(fn: Callable[..., Any]) -> Iterator[CaseResult]:
         ("x (2, 3, 16), weight (16,)", randn(g, 2, 3, 16), randn(g, 16)),
     ]
     for tested, x, weight in cases:
-        got, error = call(fn, x.clone(), weight.clone(), eps)
-        if error is not None:
-            yield raised(tested, error, "rms_norm(x, weight, eps)")
-            return
+        got = call(tested, "rms_norm(x, weight, eps)", fn, x, weight, eps)
         mean_square = x.pow(2).mean(-1, keepdim=True)
         yield compare_tensor(
             tested,
@@ -114,15 +103,13 @@ def check_rms_norm(fn: Callable[..., Any]) -> Iterator[CaseResult]:
 
 
 def check_swiglu(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "swiglu(x, w_gate, w_up, w_down)"
     for seed, (b, t, d, f) in enumerate([(2, 3, 8, 12), (1, 5, 16, 40)]):
         g = generator(620 + seed)
         x = randn(g, b, t, d)
         w_gate, w_up, w_down = randn(g, d, f) / d**0.5, randn(g, d, f) / d**0.5, randn(g, f, d)
         tested = f"x ({b}, {t}, {d}), w_gate/w_up ({d}, {f}), w_down ({f}, {d})"
-        got, error = call(fn, x.clone(), w_gate.clone(), w_up.clone(), w_down.clone())
-        if error is not None:
-            yield raised(tested, error, "swiglu(x, w_gate, w_up, w_down)")
-            return
+        got = call(tested, signature, fn, x, w_gate, w_up, w_down)
         gate, up = x @ w_gate, x @ w_up  # (B, T, F)
         yield compare_tensor(
             tested,
@@ -162,15 +149,13 @@ def _sublayers(g: torch.Generator, d: int) -> list[Callable[[Tensor], Tensor]]:
 
 
 def check_pre_norm(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "pre_norm_block(x, attn, mlp, attn_norm, mlp_norm)"
     for seed, (b, t, d) in enumerate([(2, 4, 8), (1, 6, 16)]):
         g = generator(630 + seed)
         x = randn(g, b, t, d) * 2
         attn, mlp, n1, n2 = _sublayers(g, d)
         tested = f"x ({b}, {t}, {d}); attn, mlp, attn_norm, mlp_norm: fixed random functions"
-        got, error = call(fn, x.clone(), attn, mlp, n1, n2)
-        if error is not None:
-            yield raised(tested, error, "pre_norm_block(x, attn, mlp, attn_norm, mlp_norm)")
-            return
+        got = call(tested, signature, fn, x, attn, mlp, n1, n2)
         h = x + attn(n1(x))
         post_h = n1(x + attn(x))
         yield compare_tensor(

@@ -13,17 +13,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from qkv.attention import masks
-from qkv.exercises.grading import (
-    CaseResult,
-    Exercise,
-    call,
-    compare_number,
-    compare_tensor,
-    generator,
-    raised,
-)
+from qkv.exercises.cases import compare_number, compare_tensor, generator
+from qkv.exercises.grading import CaseResult, Exercise, call, require
 
-__all__ = ["EXERCISES"]
+__all__ = ["EXERCISES", "PAGE"]
+
+PAGE = "docs/learn/06-architectures.md"
 
 CAUSAL_CHOICES = {
     1: "BERT's encoder",
@@ -82,13 +77,11 @@ def _smoothed(targets: Tensor, v: int, eps: float) -> Tensor:
 
 
 def check_smoothing(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "label_smoothing_targets(targets, vocab_size, eps)"
     for seed, (n, v, eps) in enumerate([(4, 5, 0.1), (6, 11, 0.2), (3, 7, 0.0)]):
         targets = torch.randint(v, (n,), generator=generator(700 + seed))
         tested = f"targets ({n},), vocab_size={v}, eps={eps}"
-        got, error = call(fn, targets.clone(), v, eps)
-        if error is not None:
-            yield raised(tested, error, "label_smoothing_targets(targets, vocab_size, eps)")
-            return
+        got = call(tested, signature, fn, targets, v, eps)
         one_hot = F.one_hot(targets, v).float()
         paper = (1 - eps) * one_hot + eps / (v - 1) * (1 - one_hot)
         yield compare_tensor(
@@ -113,21 +106,18 @@ def _full(mask: Tensor, size: tuple[int, ...]) -> Tensor | None:
 
 
 def check_seq2seq_masks(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "seq2seq_masks(src_lengths, tgt_lengths)"
     for src_lengths, tgt_lengths in [([3, 5], [4, 2]), ([4, 2, 4], [3, 3, 1])]:
         s, t, b = max(src_lengths), max(tgt_lengths), len(src_lengths)
         tested = f"src_lengths={src_lengths}, tgt_lengths={tgt_lengths}"
-        got, error = call(fn, list(src_lengths), list(tgt_lengths))
-        if error is not None:
-            yield raised(tested, error, "seq2seq_masks(src_lengths, tgt_lengths)")
-            return
-        if not (isinstance(got, tuple) and len(got) == 3):
-            yield CaseResult(
-                tested,
-                False,
-                f"returned a {type(got).__name__}",
-                "return (encoder_mask, decoder_mask, cross_mask)",
-            )
-            return
+        got = call(
+            tested,
+            signature,
+            fn,
+            list(src_lengths),
+            list(tgt_lengths),
+            returns=("encoder_mask", "decoder_mask", "cross_mask"),
+        )
         src_pad, tgt_pad = masks.padding(src_lengths, s), masks.padding(tgt_lengths, t)
         expected = {
             "encoder_mask": ((b, 1, s, s), src_pad, [
@@ -154,18 +144,17 @@ def check_seq2seq_masks(fn: Callable[..., Any]) -> Iterator[CaseResult]:
                     "shape it (B, 1, 1, S) for padding or (B, 1, T, S) when it differs per query",
                 )
                 return
-            result = compare_tensor(
-                tested,
-                full,
-                torch.broadcast_to(want, size),
-                what=f"the {what} (broadcast to {size})",
-                hint="True = may attend; the encoder and the cross-attention hide source padding, "
-                "the decoder is causal and hides target padding",
-                wrong=[(torch.broadcast_to(w, size), h) for w, h in wrong],
+            require(
+                compare_tensor(
+                    tested,
+                    full,
+                    torch.broadcast_to(want, size),
+                    what=f"the {what} (broadcast to {size})",
+                    hint="True = may attend; the encoder and the cross-attention hide source "
+                    "padding, the decoder is causal and hides target padding",
+                    wrong=[(torch.broadcast_to(w, size), h) for w, h in wrong],
+                )
             )
-            if not result.passed:
-                yield result
-                return
         yield CaseResult(tested, True)
 
 

@@ -13,20 +13,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from qkv.exercises.grading import (
-    CaseResult,
-    Exercise,
-    call,
-    compare_number,
-    compare_tensor,
-    forbid,
-    generator,
-    raised,
-    randn,
-)
+from qkv.exercises.cases import compare_number, compare_tensor, generator, randn
+from qkv.exercises.grading import CaseResult, Exercise, call, forbid, require
 from qkv.train.schedule import warmup_cosine_lr
 
-__all__ = ["EXERCISES"]
+__all__ = ["EXERCISES", "PAGE"]
+
+PAGE = "docs/learn/07-training.md"
 
 
 def _lr(step: int, peak: float, w: int, max_steps: int, r: float) -> float:
@@ -59,6 +52,7 @@ def _lr_from_zero(step: int, peak: float, n: int, r: float) -> float:
 
 
 def check_cross_entropy(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "cross_entropy(logits, targets), targets -100 = ignore"
     cases = [
         ("logits (4, 10), no ignored targets", (4,), 10, 1.0, False),
         ("logits (2, 5, 7), some targets -100", (2, 5), 7, 2.0, True),
@@ -75,10 +69,7 @@ def check_cross_entropy(fn: Callable[..., Any]) -> Iterator[CaseResult]:
             "write cross-entropy yourself (F.cross_entropy and F.nll_loss are off for this "
             "exercise; torch.logsumexp and F.log_softmax are allowed)",
         ):
-            got, error = call(fn, logits.clone(), targets.clone())
-        if error is not None:
-            yield raised(tested, error, "cross_entropy(logits, targets), targets -100 = ignore")
-            return
+            got = call(tested, signature, fn, logits, targets)
         flat_logits, flat_targets = logits.reshape(-1, v), targets.reshape(-1)
         want = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
         total = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum")
@@ -101,12 +92,12 @@ def _schedule_case(fn: Callable[..., Any], peak: float, w: int, n: int, r: float
     """One schedule (peak, warmup w, budget n, floor ratio r), checked at the steps that matter."""
     steps = [0, 1, w - 1, w, w + 1, (w + n) // 2, n - 1, n, n + 5]
     tested = f"peak={peak:g}, warmup_steps={w}, max_steps={n}, min_lr_ratio={r}, steps {steps}"
+    signature = "warmup_cosine(step, peak=, warmup_steps=, max_steps=, min_lr_ratio=)"
     got = []
     for step in steps:
-        lr, error = call(fn, step, peak=peak, warmup_steps=w, max_steps=n, min_lr_ratio=r)
-        if error is not None:
-            signature = "warmup_cosine(step, peak=, warmup_steps=, max_steps=, min_lr_ratio=)"
-            return raised(tested, error, signature)
+        lr = call(
+            tested, signature, fn, step, peak=peak, warmup_steps=w, max_steps=n, min_lr_ratio=r
+        )
         got.append(lr)
     try:
         got_t = torch.tensor([float(x) for x in got], dtype=torch.float64)
@@ -174,6 +165,7 @@ def _adamw_chain(
 
 
 def check_adamw(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "adamw_step(param, m, v, grad, step, lr=, beta1=, beta2=, eps=, weight_decay=)"
     hp = {"lr": 0.1, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1}
     g = generator(820)
     param0 = randn(g, 6, 4)
@@ -202,35 +194,22 @@ def check_adamw(fn: Callable[..., Any]) -> Iterator[CaseResult]:
     state = (param0.clone(), torch.zeros_like(param0), torch.zeros_like(param0))
     for t, grad in enumerate(grads, start=1):
         tested = f"step {t} of 5 from zero moments, param (6, 4), {hp}"
-        got, error = call(fn, *(x.clone() for x in state), grad.clone(), t, **hp)
-        if error is not None:
-            yield raised(
-                tested,
-                error,
-                "adamw_step(param, m, v, grad, step, lr=, beta1=, beta2=, eps=, weight_decay=)",
-            )
-            return
-        if not (isinstance(got, tuple) and len(got) == 3):
-            yield CaseResult(
-                tested, False, f"returned a {type(got).__name__}", "return (param, m, v)"
-            )
-            return
+        got = call(tested, signature, fn, *state, grad, t, returns=("param", "m", "v"), **hp)
         for index, what in enumerate(("param", "m", "v")):
             want = torch_params[t - 1] if what == "param" else right[t - 1][index]
-            result = compare_tensor(
-                tested,
-                got[index],
-                want,
-                atol=1e-6,
-                rtol=1e-5,
-                what=f"the new {what}",
-                hint="decay, then m, v, their bias corrections, and the step "
-                "lr·m̂/(sqrt(v̂) + eps), in the order of the statement",
-                wrong=[(chain[t - 1][index], hints[k]) for k, chain in wrong.items()],
+            require(
+                compare_tensor(
+                    tested,
+                    got[index],
+                    want,
+                    atol=1e-6,
+                    rtol=1e-5,
+                    what=f"the new {what}",
+                    hint="decay, then m, v, their bias corrections, and the step "
+                    "lr·m̂/(sqrt(v̂) + eps), in the order of the statement",
+                    wrong=[(chain[t - 1][index], hints[k]) for k, chain in wrong.items()],
+                )
             )
-            if not result.passed:
-                yield result
-                return
         yield CaseResult(tested, True)
         state = right[t - 1]  # the next step starts from the right state
 

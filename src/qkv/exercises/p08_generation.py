@@ -14,19 +14,13 @@ from torch import Tensor
 
 from qkv.attention import masks
 from qkv.attention.core import reference_attention
-from qkv.exercises.grading import (
-    CaseResult,
-    Exercise,
-    call,
-    compare_number,
-    compare_tensor,
-    generator,
-    raised,
-    randn,
-)
+from qkv.exercises.cases import compare_number, compare_tensor, generator, randn
+from qkv.exercises.grading import CaseResult, Exercise, call, require
 from qkv.generate.sampling import top_k_filter, top_p_filter
 
-__all__ = ["EXERCISES"]
+__all__ = ["EXERCISES", "PAGE"]
+
+PAGE = "docs/learn/08-generation.md"
 
 NEG_INF = float("-inf")
 
@@ -55,10 +49,7 @@ def check_top_k(fn: Callable[..., Any]) -> Iterator[CaseResult]:
     for seed, (b, v, k) in enumerate([(2, 10, 3), (3, 50, 1), (1, 6, 6)]):
         logits = randn(generator(900 + seed), b, v) * 2
         tested = f"logits ({b}, {v}), k={k}"
-        got, error = call(fn, logits.clone(), k)
-        if error is not None:
-            yield raised(tested, error, "top_k_filter(logits, k)")
-            return
+        got = call(tested, "top_k_filter(logits, k)", fn, logits, k)
         smallest = -_keep_top(-logits, k, fill=float("inf"))
         yield compare_tensor(
             tested,
@@ -95,10 +86,7 @@ def check_top_p(fn: Callable[..., Any]) -> Iterator[CaseResult]:
     for seed, (b, v, p) in enumerate([(2, 20, 0.9), (3, 8, 0.5), (2, 6, 0.01)]):
         logits = randn(generator(910 + seed), b, v) * 2
         tested = f"logits ({b}, {v}), p={p}"
-        got, error = call(fn, logits.clone(), p)
-        if error is not None:
-            yield raised(tested, error, "top_p_filter(logits, p)")
-            return
+        got = call(tested, "top_p_filter(logits, p)", fn, logits, p)
         want = top_p_filter(logits, p)
         yield compare_tensor(
             tested,
@@ -122,6 +110,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def check_cached_step(fn: Callable[..., Any]) -> Iterator[CaseResult]:
+    signature = "cached_attention(q, k_new, v_new, k_cache, v_cache)"
     b, h, e = 2, 2, 8
     for seed, (past, t) in enumerate([(5, 1), (4, 3), (0, 4)]):
         g = generator(920 + seed)
@@ -129,17 +118,17 @@ def check_cached_step(fn: Callable[..., Any]) -> Iterator[CaseResult]:
         k_cache, v_cache = k_all[..., :past, :], v_all[..., :past, :]
         k_new, v_new, q = k_all[..., past:, :], v_all[..., past:, :], q_all[..., past:, :]
         tested = f"cache of P={past} positions, T={t} new tokens, (B, H, E) = ({b}, {h}, {e})"
-        got, error = call(
-            fn, q.clone(), k_new.clone(), v_new.clone(), k_cache.clone(), v_cache.clone()
+        got = call(
+            tested,
+            signature,
+            fn,
+            q,
+            k_new,
+            v_new,
+            k_cache,
+            v_cache,
+            returns=("out", "k_all", "v_all"),
         )
-        if error is not None:
-            yield raised(tested, error, "cached_attention(q, k_new, v_new, k_cache, v_cache)")
-            return
-        if not (isinstance(got, tuple) and len(got) == 3):
-            yield CaseResult(
-                tested, False, f"returned a {type(got).__name__}", "return (out, k_all, v_all)"
-            )
-            return
         s = past + t
         # The full forward over all P + T positions, causal; its last T rows are the answer.
         want = _attend(q_all, k_all, v_all, masks.causal(s))[..., past:, :]
@@ -147,7 +136,7 @@ def check_cached_step(fn: Callable[..., Any]) -> Iterator[CaseResult]:
         key_pos = torch.arange(s)[None, :]
         swapped_k = torch.cat([k_new, k_cache], dim=-2)
         swapped_v = torch.cat([v_new, v_cache], dim=-2)
-        result = compare_tensor(
+        require(compare_tensor(
             tested,
             got[1],
             k_all,
@@ -155,31 +144,28 @@ def check_cached_step(fn: Callable[..., Any]) -> Iterator[CaseResult]:
             hint="k_all = the cached keys followed by the new ones, along the positions",
             wrong=[(swapped_k, "the cache holds the earlier positions: torch.cat([k_cache, "
                     "k_new], dim=-2), in that order")],
+        ))  # fmt: skip
+        require(compare_tensor(tested, got[2], v_all, what="v_all", hint="as for k_all"))
+        yield compare_tensor(
+            tested,
+            got[0],
+            want,
+            atol=1e-5,
+            what="the output",
+            hint="new query i sits at position P + i and may see keys 0 .. P + i: "
+            "masks.causal(T, P + T) aligns it so",
+            wrong=[
+                (_attend(q, k_all, v_all, torch.ones(t, s).tril().bool()), "off by P: new "
+                 "query i sits at position P + i, so it may see keys 0 .. P + i "
+                 "(bottom-right alignment), not 0 .. i"),
+                (_attend(q, k_all, v_all, key_pos < query_pos), "a query may see its own "
+                 "key: keys 0 .. P + i, inclusive"),
+                (_attend(q, k_all, v_all, None), "with T > 1 new tokens, each must not see "
+                 "the new tokens after it: apply the causal mask"),
+                (_attend(q, swapped_k, swapped_v, key_pos <= query_pos), "the cache holds "
+                 "the earlier positions: concatenate [cache, new]"),
+            ],
         )  # fmt: skip
-        if result.passed:
-            result = compare_tensor(tested, got[2], v_all, what="v_all", hint="as for k_all")
-        if result.passed:
-            result = compare_tensor(
-                tested,
-                got[0],
-                want,
-                atol=1e-5,
-                what="the output",
-                hint="new query i sits at position P + i and may see keys 0 .. P + i: "
-                "masks.causal(T, P + T) aligns it so",
-                wrong=[
-                    (_attend(q, k_all, v_all, torch.ones(t, s).tril().bool()), "off by P: new "
-                     "query i sits at position P + i, so it may see keys 0 .. P + i "
-                     "(bottom-right alignment), not 0 .. i"),
-                    (_attend(q, k_all, v_all, key_pos < query_pos), "a query may see its own "
-                     "key: keys 0 .. P + i, inclusive"),
-                    (_attend(q, k_all, v_all, None), "with T > 1 new tokens, each must not see "
-                     "the new tokens after it: apply the causal mask"),
-                    (_attend(q, swapped_k, swapped_v, key_pos <= query_pos), "the cache holds "
-                     "the earlier positions: concatenate [cache, new]"),
-                ],
-            )  # fmt: skip
-        yield result
 
 
 EXERCISES = [
