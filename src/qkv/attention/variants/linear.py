@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from qkv.attention.backends import register_backend
+from qkv.attention.backends import AttentionBackend, register_backend
 
 __all__ = [
     "LinearAttentionState",
@@ -462,7 +462,12 @@ def fast_kernel_attention(
     Grouped-query attention: with q (B, H, T, E) and k, v (B, K, S, ...), the query heads are
     viewed as (B, K, H / K, T, E) so that each key/value head's φ(K)^T V is computed once and
     shared by its H / K query heads (no ``repeat_kv`` copies).
+
+    Computed in float32 at least (float64 stays float64), since its sums run over every key;
+    returns the output (..., T, Ev) in the dtype of ``v``.
     """
+    out_dtype, dtype = v.dtype, torch.promote_types(v.dtype, torch.float32)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # no copy when already in dtype
     kind, key_mask = split_mask(mask, q.shape[-2], k.shape[-2], is_causal=is_causal)
     grouped = q.dim() >= 4 and q.shape[-3] != k.shape[-3]
     if grouped:
@@ -482,7 +487,8 @@ def fast_kernel_attention(
         out = causal_scan(q, k, v, key_mask, features=features, chunk_size=chunk_size)
     else:
         out = kernel_attention(feature_q(q), feature_k(k), v, key_mask)  # (..., T, Ev)
-    return out.flatten(-4, -3) if grouped else out  # (..., T, Ev)
+    out = out.flatten(-4, -3) if grouped else out  # (..., T, Ev)
+    return out.to(out_dtype)  # (..., T, Ev)
 
 
 def linear_attention(
@@ -506,34 +512,47 @@ def linear_attention(
     Returns:
         The output (..., T, Ev) in the dtype of ``v``, computed in float32 at least.
     """
-    dtype = torch.promote_types(v.dtype, torch.float32)
-    out = fast_kernel_attention(
-        q.to(dtype),
-        k.to(dtype),
-        v.to(dtype),
+    return fast_kernel_attention(
+        q,
+        k,
+        v,
         mask,
         feature_q=elu_feature_map,
         key_feature_map=lambda keys: elu_feature_map,
         is_causal=is_causal,
         chunk_size=chunk_size,
-    )
-    return out.to(v.dtype)  # (..., T, Ev)
+    )  # (..., T, Ev)
 
 
-def linear_backend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None,
-    *,
-    bias: Tensor | None,
-    scale: float | None,
-    dropout_p: float,
-    is_causal: bool = False,
-) -> tuple[Tensor, None]:
-    """``linear_attention`` under the backend signature; ``scale`` is ignored (see above)."""
-    reject_bias_and_dropout("linear", bias, dropout_p)
-    return linear_attention(q, k, v, mask, is_causal=is_causal), None
+KernelAttention = Callable[[Tensor, Tensor, Tensor, Tensor | None, float | None, bool], Tensor]
+"""``(q, k, v, mask, scale, is_causal) -> output``: kernelised attention, as a backend calls it."""
 
 
+def kernel_backend(name: str, attention: KernelAttention) -> AttentionBackend:
+    """``attention`` under the backend signature, for ``impl=name`` (register it with
+    ``grouped_kv=True, causal=True``). It never forms the scores or the weights: a bias or
+    dropout is a clear error (``reject_bias_and_dropout``)."""
+
+    def backend(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        *,
+        bias: Tensor | None,
+        scale: float | None,
+        dropout_p: float,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, None]:
+        reject_bias_and_dropout(name, bias, dropout_p)
+        return attention(q, k, v, mask, scale, is_causal), None
+
+    return backend
+
+
+# ``scale`` is ignored: elu + 1 has no temperature (module docstring).
+linear_backend = kernel_backend(
+    "linear",
+    lambda q, k, v, mask, scale, is_causal: linear_attention(q, k, v, mask, is_causal=is_causal),
+)
 register_backend("linear", linear_backend, grouped_kv=True, causal=True)

@@ -46,7 +46,7 @@ from qkv.attention.variants.linear import (
     FeatureMap,
     dense_kernel_attention,
     fast_kernel_attention,
-    reject_bias_and_dropout,
+    kernel_backend,
 )
 
 __all__ = [
@@ -258,35 +258,25 @@ def performer_attention(
     else:
         w = features.detach().to(device=q.device, dtype=dtype)  # (M, E)
     feature_q, key_feature_map = _scaled_maps(q, w, scale)
-    out = fast_kernel_attention(
-        q.to(dtype),
-        k.to(dtype),
-        v.to(dtype),
+    return fast_kernel_attention(
+        q,
+        k,
+        v,
         mask,
         feature_q=feature_q,
         key_feature_map=key_feature_map,
         is_causal=is_causal,
         chunk_size=chunk_size,
-    )
-    return out.to(v.dtype)  # (..., T, Ev)
+    )  # (..., T, Ev), computed in float32 at least
 
 
-def performer_backend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None,
-    *,
-    bias: Tensor | None,
-    scale: float | None,
-    dropout_p: float,
-    is_causal: bool = False,
-) -> tuple[Tensor, None]:
-    """``performer_attention`` under the backend signature: M = 256, seed 0, orthogonal."""
-    reject_bias_and_dropout("performer", bias, dropout_p)
-    return performer_attention(q, k, v, mask, scale=scale, is_causal=is_causal), None
-
-
+# M = 256, seed 0, orthogonal features.
+performer_backend = kernel_backend(
+    "performer",
+    lambda q, k, v, mask, scale, is_causal: performer_attention(
+        q, k, v, mask, scale=scale, is_causal=is_causal
+    ),
+)
 register_backend("performer", performer_backend, grouped_kv=True, causal=True)
 
 

@@ -217,19 +217,11 @@ def _forward_kernel(
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,  # E, Ev rounded up to a power of two
     PRECISION: tl.constexpr,  # "ieee" keeps float32 products in float32 (no TF32)
 ):  # fmt: skip
-    # Which tile is mine? Axis 0 of the grid numbers the query blocks, axis 1 (batch x head).
-    start_m = tl.program_id(0) * BLOCK_M
-    nh = tl.program_id(1)  # n * H + h
-    n = nh // H
-    kv_head = n * (H // G) + (nh % H) // G  # n * K + the key/value head query head h reads
+    # Which tile is mine? (query block, batch x head), and the key/value head my head reads.
+    start_m, nh, n, kv_head = _query_tile(H, G, BLOCK_M)
     rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) my query positions
-    feats, feats_v = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_EV)  # (BLOCK_E,), (BLOCK_EV,)
-
-    # My queries stay in registers for the whole loop. Pointers are computed for a whole block
-    # at once (broadcasting, like NumPy), and the load masks out what lies past T or E.
-    q_base = Q + nh.to(tl.int64) * T * E  # int64: large tensors overflow 32-bit offsets
-    q_in = (rows[:, None] < T) & (feats[None, :] < E)  # (BLOCK_M, BLOCK_E)
-    q = tl.load(q_base + rows[:, None] * E + feats[None, :], mask=q_in, other=0.0)
+    # My queries stay in registers for the whole loop (int64: large tensors overflow 32 bits).
+    q = _load_block(Q + nh.to(tl.int64) * T * E, rows, T, E, BLOCK_E)  # (BLOCK_M, BLOCK_E)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # m, the running maximum
     row_sum = tl.zeros((BLOCK_M,), tl.float32)  # l = Σ exp(s - m)
@@ -239,14 +231,8 @@ def _forward_kernel(
     # of this block sees past key start_m + BLOCK_M - 1 + S - T; with key padding, no row sees
     # past the last real key. The loop stops there instead of masking whole blocks.
     end_n = _loop_end(start_m, n, KEY_END, T, S, CAUSAL, HAS_KEEP, BLOCK_M)
-    k_base = K + kv_head.to(tl.int64) * S * E
-    v_base = V + kv_head.to(tl.int64) * S * EV
     for start_n in range(0, end_n, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
-        k_in = (cols[:, None] < S) & (feats[None, :] < E)
-        k = tl.load(k_base + cols[:, None] * E + feats[None, :], mask=k_in, other=0.0)
-        v_in = (cols[:, None] < S) & (feats_v[None, :] < EV)
-        v = tl.load(v_base + cols[:, None] * EV + feats_v[None, :], mask=v_in, other=0.0)
+        cols, k, v = _key_block(K, V, kv_head, start_n, S, E, EV, BLOCK_N, BLOCK_E, BLOCK_EV)
         # 1. Scores of this tile, (BLOCK_M, BLOCK_N), float32 whatever the input dtype.
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         visible = _visible(rows, cols, n, KEEP, T, S, CAUSAL, HAS_KEEP)
@@ -266,13 +252,72 @@ def _forward_kernel(
     seen = row_sum > 0.0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]  # (BLOCK_M, BLOCK_EV)
     lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("inf"))
-    o_in = (rows[:, None] < T) & (feats_v[None, :] < EV)
-    o_ptrs = OUT + nh.to(tl.int64) * T * EV + rows[:, None] * EV + feats_v[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_in)
+    _store_block(OUT + nh.to(tl.int64) * T * EV, out, rows, T, EV, BLOCK_EV)
     tl.store(LSE + nh.to(tl.int64) * T + rows, lse, mask=rows < T)
 
 
+def _query_tile(H, G, BLOCK_M: tl.constexpr):
+    """The tile of a program of the forward and dQ grids: axis 0 numbers the query blocks, axis 1
+    (batch x head). Returns its first query, n * H + h, n, and n * K + the key/value head of h."""
+    nh = tl.program_id(1)  # n * H + h
+    n = nh // H
+    return tl.program_id(0) * BLOCK_M, nh, n, n * (H // G) + (nh % H) // G
+
+
+def _load_block(ptr, rows, N_ROWS, N_COLS, BLOCK_COLS: tl.constexpr):
+    """Rows ``rows`` of the row-major (N_ROWS, N_COLS) matrix at ``ptr``: a (len(rows),
+    BLOCK_COLS) block, zeros past the matrix's edges. The pointers are computed for the whole
+    block at once (broadcasting, like NumPy), and the load masks out what lies outside."""
+    cols = tl.arange(0, BLOCK_COLS)
+    inside = (rows[:, None] < N_ROWS) & (cols[None, :] < N_COLS)
+    return tl.load(ptr + rows[:, None] * N_COLS + cols[None, :], mask=inside, other=0.0)
+
+
+def _store_block(ptr, block, rows, N_ROWS, N_COLS, BLOCK_COLS: tl.constexpr):
+    """Write ``block`` to rows ``rows`` of the (N_ROWS, N_COLS) matrix at ``ptr`` (the converse
+    of ``_load_block``), in the matrix's dtype; what lies past its edges is not written."""
+    cols = tl.arange(0, BLOCK_COLS)
+    inside = (rows[:, None] < N_ROWS) & (cols[None, :] < N_COLS)
+    ptrs = ptr + rows[:, None] * N_COLS + cols[None, :]
+    tl.store(ptrs, block.to(ptr.dtype.element_ty), mask=inside)
+
+
+def _key_block(
+    K, V, kv_head, start_n, S, E, EV,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+):  # fmt: skip
+    """Key positions start_n.. and their keys and values: (BLOCK_N,), (BLOCK_N, BLOCK_E),
+    (BLOCK_N, BLOCK_EV). int64 offsets of the head: large tensors overflow 32 bits."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = _load_block(K + kv_head.to(tl.int64) * S * E, cols, S, E, BLOCK_E)
+    v = _load_block(V + kv_head.to(tl.int64) * S * EV, cols, S, EV, BLOCK_EV)
+    return cols, k, v
+
+
 # --8<-- [end:forward_kernel]
+
+
+def _query_rows(
+    Q, DO, LSE, DELTA, nh, rows, T, E, EV, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr
+):
+    """What the backward reads of query rows ``rows`` of head ``nh``: q (BLOCK_M, BLOCK_E),
+    dO (BLOCK_M, BLOCK_EV), and L and D (BLOCK_M,)."""
+    q = _load_block(Q + nh.to(tl.int64) * T * E, rows, T, E, BLOCK_E)
+    do = _load_block(DO + nh.to(tl.int64) * T * EV, rows, T, EV, BLOCK_EV)
+    lse = tl.load(LSE + nh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
+    delta = tl.load(DELTA + nh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
+    return q, do, lse, delta
+
+
+def _probabilities(
+    q, k, lse, rows, cols, n, KEEP, T, S, scale,
+    CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The forward's probabilities of one tile, recomputed from L: P = exp(S - L), 0 where the
+    mask hides the key; (BLOCK_M, BLOCK_N) in float32."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    visible = _visible(rows, cols, n, KEEP, T, S, CAUSAL, HAS_KEEP)
+    return tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
 
 
 def _dkdv_kernel(
@@ -285,14 +330,7 @@ def _dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     kv_head = tl.program_id(1)  # n * K + key/value head
     n = kv_head // (H // G)
-    cols = start_n + tl.arange(0, BLOCK_N)
-    feats, feats_v = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_EV)
-    k_in = (cols[:, None] < S) & (feats[None, :] < E)
-    v_in = (cols[:, None] < S) & (feats_v[None, :] < EV)
-    k_ptrs = kv_head.to(tl.int64) * S * E + cols[:, None] * E + feats[None, :]
-    v_ptrs = kv_head.to(tl.int64) * S * EV + cols[:, None] * EV + feats_v[None, :]
-    k = tl.load(K + k_ptrs, mask=k_in, other=0.0)  # (BLOCK_N, BLOCK_E)
-    v = tl.load(V + v_ptrs, mask=v_in, other=0.0)  # (BLOCK_N, BLOCK_EV)
+    cols, k, v = _key_block(K, V, kv_head, start_n, S, E, EV, BLOCK_N, BLOCK_E, BLOCK_EV)
     dk = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_EV), tl.float32)
 
@@ -307,25 +345,20 @@ def _dkdv_kernel(
         nh = n * H + (kv_head % (H // G)) * G + g  # n * H + h
         for start_m in range(start_m0, end_m, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
-            q_in = (rows[:, None] < T) & (feats[None, :] < E)
-            do_in = (rows[:, None] < T) & (feats_v[None, :] < EV)
-            q_ptrs = nh.to(tl.int64) * T * E + rows[:, None] * E + feats[None, :]
-            do_ptrs = nh.to(tl.int64) * T * EV + rows[:, None] * EV + feats_v[None, :]
-            q = tl.load(Q + q_ptrs, mask=q_in, other=0.0)  # (BLOCK_M, BLOCK_E)
-            do = tl.load(DO + do_ptrs, mask=do_in, other=0.0)  # (BLOCK_M, BLOCK_EV)
-            lse = tl.load(LSE + nh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
-            delta = tl.load(DELTA + nh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
+            q, do, lse, delta = _query_rows(
+                Q, DO, LSE, DELTA, nh, rows, T, E, EV, BLOCK_E, BLOCK_EV
+            )  # (BLOCK_M, BLOCK_E), (BLOCK_M, BLOCK_EV), (BLOCK_M,), (BLOCK_M,)
             # The forward's probabilities, recomputed from L: P = exp(S - L), 0 where hidden.
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            visible = _visible(rows, cols, n, KEEP, T, S, CAUSAL, HAS_KEEP)
-            p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+            p = _probabilities(
+                q, k, lse, rows, cols, n, KEEP, T, S, scale, CAUSAL, HAS_KEEP, PRECISION
+            )
             # O = P V: dV += P^T dO.   dP = dO V^T,  dS = P * (dP - D):  dK += dS^T Q.
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(DK + k_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=k_in)
-    tl.store(DV + v_ptrs, dv.to(DV.dtype.element_ty), mask=v_in)
+    _store_block(DK + kv_head.to(tl.int64) * S * E, dk * scale, cols, S, E, BLOCK_E)
+    _store_block(DV + kv_head.to(tl.int64) * S * EV, dv, cols, S, EV, BLOCK_EV)
 
 
 def _dq_kernel(
@@ -335,38 +368,19 @@ def _dq_kernel(
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # My tile: one block of queries of one (batch, head), as in the forward; I own its dQ rows.
-    start_m = tl.program_id(0) * BLOCK_M
-    nh = tl.program_id(1)
-    n = nh // H
-    kv_head = n * (H // G) + (nh % H) // G
+    start_m, nh, n, kv_head = _query_tile(H, G, BLOCK_M)
     rows = start_m + tl.arange(0, BLOCK_M)
-    feats, feats_v = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_EV)
-    q_in = (rows[:, None] < T) & (feats[None, :] < E)
-    do_in = (rows[:, None] < T) & (feats_v[None, :] < EV)
-    q_ptrs = nh.to(tl.int64) * T * E + rows[:, None] * E + feats[None, :]
-    do_ptrs = nh.to(tl.int64) * T * EV + rows[:, None] * EV + feats_v[None, :]
-    q = tl.load(Q + q_ptrs, mask=q_in, other=0.0)  # (BLOCK_M, BLOCK_E)
-    do = tl.load(DO + do_ptrs, mask=do_in, other=0.0)  # (BLOCK_M, BLOCK_EV)
-    lse = tl.load(LSE + nh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
-    delta = tl.load(DELTA + nh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
+    q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, nh, rows, T, E, EV, BLOCK_E, BLOCK_EV)
     dq = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
 
     end_n = _loop_end(start_m, n, KEY_END, T, S, CAUSAL, HAS_KEEP, BLOCK_M)
-    k_base = K + kv_head.to(tl.int64) * S * E
-    v_base = V + kv_head.to(tl.int64) * S * EV
     for start_n in range(0, end_n, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k_in = (cols[:, None] < S) & (feats[None, :] < E)
-        k = tl.load(k_base + cols[:, None] * E + feats[None, :], mask=k_in, other=0.0)
-        v_in = (cols[:, None] < S) & (feats_v[None, :] < EV)
-        v = tl.load(v_base + cols[:, None] * EV + feats_v[None, :], mask=v_in, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        visible = _visible(rows, cols, n, KEEP, T, S, CAUSAL, HAS_KEEP)
-        p = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        cols, k, v = _key_block(K, V, kv_head, start_n, S, E, EV, BLOCK_N, BLOCK_E, BLOCK_EV)
+        p = _probabilities(q, k, lse, rows, cols, n, KEEP, T, S, scale, CAUSAL, HAS_KEEP, PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])  # dS = P * (dP - D)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # dQ += dS K
-    tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_in)
+    _store_block(DQ + nh.to(tl.int64) * T * E, dq * scale, rows, T, E, BLOCK_E)
 
 
 def _visible(rows, cols, n, KEEP, T, S, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
@@ -390,6 +404,19 @@ def _loop_end(
     if HAS_KEEP:
         end_n = tl.minimum(end_n, tl.load(KEY_END + n))
     return end_n
+
+
+# The Triton functions that the kernels call; ``_kernels()`` compiles them along with the kernels.
+_HELPERS = (
+    _query_tile,
+    _load_block,
+    _store_block,
+    _key_block,
+    _query_rows,
+    _probabilities,
+    _visible,
+    _loop_end,
+)
 
 
 # -- launching -----------------------------------------------------------------------------------
@@ -428,8 +455,8 @@ def _kernels() -> SimpleNamespace:
         raise RuntimeError(message) from error
     tl = triton.language
     # The helpers are Triton functions too: the kernels call them, Triton inlines them.
-    globals()["_visible"] = triton.jit(_visible)
-    globals()["_loop_end"] = triton.jit(_loop_end)
+    for helper in _HELPERS:
+        globals()[helper.__name__] = triton.jit(helper)
     kernels = SimpleNamespace(
         forward=triton.jit(_forward_kernel),
         dkdv=triton.jit(_dkdv_kernel),
