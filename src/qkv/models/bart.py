@@ -42,14 +42,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from qkv.attention import masks
-from qkv.blocks import (
-    ActivationName,
-    DecoderLayer,
-    EncoderLayer,
-    LayerSpec,
-)
-from qkv.models.base import ModelOutput
+from qkv.blocks import ActivationName, DecoderLayer, EncoderLayer, LayerSpec
 from qkv.models.checks import (
     require_activation,
     require_divisible,
@@ -57,14 +50,8 @@ from qkv.models.checks import (
     require_rate,
     require_token_ids,
 )
-from qkv.models.common import (
-    EncoderDecoderCaches,
-    EncoderDecoderLM,
-    check_attention_mask,
-    default_position_ids,
-    past_length,
-    seq2seq_loss,
-)
+from qkv.models.common import default_position_ids
+from qkv.models.lm import DecoderContext, EncoderDecoderLM, decoder_stack, encoder_stack
 from qkv.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 
 __all__ = ["PRESETS", "Bart", "BartConfig"]
@@ -157,10 +144,12 @@ def _positions(c: BartConfig) -> LearnedPositionalEmbedding | SinusoidalPosition
     return SinusoidalPositionalEncoding(c.d_model, c.max_seq_len, interleaved=False)  # a buffer
 
 
-class Bart(EncoderDecoderLM):
+class Bart(EncoderDecoderLM[BartConfig]):
     """BART / Marian for text-to-text: a post-norm encoder-decoder with a tied output layer.
 
-    ``shift_right``, ``encode``, ``decode`` and ``new_caches`` come from ``EncoderDecoderLM``.
+    ``forward``, ``shift_right``, ``encode``, ``decode`` and ``new_caches`` come from
+    ``EncoderDecoderLM``; this class says how each stack embeds its tokens, and adds
+    ``final_logits_bias`` to the output layer.
 
     Example:
         >>> import torch
@@ -172,8 +161,6 @@ class Bart(EncoderDecoderLM):
     """
 
     family = "bart"
-    config_class = BartConfig
-    config: BartConfig
     final_logits_bias: Tensor
 
     def __init__(self, config: BartConfig) -> None:
@@ -220,91 +207,28 @@ class Bart(EncoderDecoderLM):
         x = self.tok_emb(ids) * self.embed_scale + positions(position_ids)  # (B, T, D)
         return self.emb_dropout(norm(x))  # (B, T, D)
 
+    # --8<-- [start:forward]
+    # forward (``EncoderDecoderLM``): the source through _encoder_states, the memory it returns
+    # into _decoder_states with the target shifted right, _logits, the cross-entropy loss.
     def _encoder_states(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
         """The embeddings' output and every encoder layer's output, L + 1 x (B, S, D)."""
-        mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
         # Positions count real tokens, so a left-padded source reads as it would alone.
         s, device = input_ids.shape[1], input_ids.device
         position_ids = default_position_ids(attention_mask, s, device=device)  # (B, S) or (S,)
         x = self._embed(input_ids, self.enc_pos, self.enc_emb_norm, position_ids, 0)  # (B, S, D)
-        states = [x]
-        for layer in self.encoder:
-            x = layer(x, mask=mask)  # (B, S, D)
-            states.append(x)
-        return states
+        return encoder_stack(self.encoder, x, attention_mask)
 
-    def _decoder_states(
-        self,
-        decoder_input_ids: Tensor,
-        memory: Tensor,
-        attention_mask: Tensor | None,
-        decoder_attention_mask: Tensor | None,
-        caches: EncoderDecoderCaches | None,
-    ) -> list[Tensor]:
+    def _decoder_states(self, decoder_input_ids: Tensor, ctx: DecoderContext) -> list[Tensor]:
         """The embeddings' output and every decoder layer's output, L + 1 x (B, T, D)."""
-        t, device = decoder_input_ids.shape[1], decoder_input_ids.device
-        past = past_length(caches, len(self.decoder))  # positions go on from the cache's length
-        pad, dec_pad = attention_mask, decoder_attention_mask
-        check_attention_mask(dec_pad, past + t, "decoder_attention_mask")
-        memory_mask = None if pad is None else masks.padding(pad)  # (B, 1, 1, S)
-        self_mask = None if dec_pad is None else masks.padding(dec_pad)  # (B, 1, 1, past + T)
+        t, device, past = decoder_input_ids.shape[1], decoder_input_ids.device, ctx.past
         position_ids = torch.arange(past, past + t, device=device)  # (T,)
         x = self._embed(decoder_input_ids, self.dec_pos, self.dec_emb_norm, position_ids, past)
-        states = [x]
-        for i, layer in enumerate(self.decoder):
-            cache, cross_cache = (None, None) if caches is None else caches[i]
-            x = layer(
-                x, memory, self_mask=self_mask, memory_mask=memory_mask, causal=True,
-                cache=cache, cross_cache=cross_cache,
-            )  # (B, T, D)  # fmt: skip
-            states.append(x)
-        return states
+        return decoder_stack(self.decoder, x, ctx)  # (B, T, D) each
 
     def _logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden) + self.final_logits_bias  # (B, T, V): h E^T + b
 
     def _stacks(self) -> tuple[nn.ModuleList, nn.ModuleList]:
         return self.encoder, self.decoder
-
-    # --8<-- [start:forward]
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        decoder_input_ids: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        *,
-        labels: Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> ModelOutput:
-        """Encode ``input_ids`` (B, S), decode ``decoder_input_ids`` (B, T), score the next tokens.
-
-        Args:
-            input_ids, attention_mask: the source and its padding mask (B, S), 1 = real token.
-            decoder_input_ids, decoder_attention_mask: the target's input and padding mask
-                (B, T); without ``decoder_input_ids``, ``shift_right(labels)`` is used.
-            labels: the target (B, T); -100 marks positions left out of the loss.
-            output_hidden_states, output_attentions: also return every layer's output and
-                attention weights (decoder in ``hidden_states``, ``attentions``,
-                ``cross_attentions``; encoder in ``encoder_hidden_states``, ``encoder_attentions``).
-
-        Returns:
-            ``ModelOutput`` with ``logits`` (B, T, V) and, given labels, the mean cross-entropy.
-        """
-        decoder_input_ids = self._decoder_inputs(decoder_input_ids, labels)  # (B, T)
-        with self._recording(output_attentions) as weights:  # encoder, decoder, cross
-            enc_states = self._encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
-            memory = enc_states[-1]  # (B, S, D)
-            dec_states = self._decoder_states(
-                decoder_input_ids, memory, attention_mask, decoder_attention_mask, None
-            )  # L + 1 x (B, T, D)
-        logits = self._logits(dec_states[-1])  # (B, T, V): h E^T + b
-        # Mean over the labels that are not -100, computed in float32.
-        loss = None if labels is None else seq2seq_loss(logits, labels)
-        return self._output(
-            logits, loss, enc_states, dec_states, weights,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-        )  # fmt: skip
 
     # --8<-- [end:forward]

@@ -1,8 +1,11 @@
 """What every model family shares: its output record, its config handling, loading and saving.
 
 A family is one file in ``qkv/models`` with a frozen dataclass ``Config`` and a model class that
-subclasses ``QkvModel``; subclassing registers the family under its ``family`` name, which is
-how a checkpoint written by qkv finds its class again.
+subclasses ``QkvModel`` with that config as its type argument, ``class ViT(QkvModel[ViTConfig])``
+(or a subclass such as ``DecoderLM[GPTConfig]``), and names its ``family``. Subclassing sets
+``config_class`` from the type argument (the one place a family names its config) and registers
+the family under its ``family`` name, which is how a checkpoint written by qkv finds its class
+again.
 
 Shape legend: B batch · T positions · D model width · V vocabulary · L layers.
 """
@@ -14,7 +17,7 @@ import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +64,8 @@ class ModelOutput:
     cross_attentions: tuple[Tensor, ...] | None = None
 
 
-FAMILIES: dict[str, type[QkvModel]] = {}
+FAMILIES: dict[str, type[QkvModel[Any]]] = {}
+ConfigT = TypeVar("ConfigT")  # a family's config dataclass
 
 
 def model_config_to_dict(config: Any) -> dict[str, Any]:
@@ -94,14 +98,24 @@ config_to_dict = model_config_to_dict
 config_from_dict = model_config_from_dict
 
 
-class QkvModel(nn.Module):
-    """Base class of every model family: a config, a parameter count, loading and saving."""
+class QkvModel(nn.Module, Generic[ConfigT]):
+    """Base class of every model family: a config, a parameter count, loading and saving.
+
+    ``QkvModel[XConfig]`` types ``self.config`` as ``XConfig`` and sets ``config_class``; a
+    subclass of a family that takes a richer config (Mixtral of LLaMA) sets both itself.
+    """
 
     family: ClassVar[str] = ""
     config_class: ClassVar[type]
+    config: ConfigT
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "config_class" not in cls.__dict__:  # the config class given as the type argument
+            for base in cls.__dict__.get("__orig_bases__", ()):
+                args = typing.get_args(base)
+                if args and isinstance(args[0], type):
+                    cls.config_class = args[0]
         # Only a class that names its own family registers: a user's subclass of GPT inherits
         # family = "gpt" and must not take the family's place in FAMILIES (loading, training).
         if cls.__dict__.get("family"):
@@ -114,7 +128,7 @@ class QkvModel(nn.Module):
         (``qkv.train`` does)."""
         return experts_regularizer(self)
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: ConfigT) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(

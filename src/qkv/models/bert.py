@@ -43,14 +43,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qkv.attention import masks
-from qkv.attention.multihead import recording_weights
 from qkv.blocks.block import EncoderLayer, LayerSpec
 from qkv.blocks.mlp import ActivationName, get_activation
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput, QkvModel
 from qkv.models.checks import require_divisible, require_positive, require_rate
-from qkv.models.common import IGNORE_INDEX, attention_modules
+from qkv.models.common import IGNORE_INDEX, recording_attentions
+from qkv.models.lm import encoder_stack
 from qkv.positional.learned import LearnedPositionalEmbedding
 
 __all__ = [
@@ -197,7 +196,7 @@ def sentence_embedding(
 # --8<-- [end:sentence_embedding]
 
 
-class Bert(QkvModel):
+class Bert(QkvModel[BertConfig]):
     """BERT: embeddings, a post-norm encoder stack, a [CLS] pooler and an optional head.
 
     Args:
@@ -216,7 +215,6 @@ class Bert(QkvModel):
     """
 
     family = "bert"
-    config_class = BertConfig
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -274,14 +272,9 @@ class Bert(QkvModel):
             token_type_ids = torch.zeros_like(input_ids)  # (B, T)
         h = self.tok_emb(input_ids) + self.type_emb(token_type_ids)  # (B, T, D)
         h = self.emb_dropout(self.emb_norm(h + self.pos_emb(positions)))  # (B, T, D)
-        mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, T)
-        hidden = [h]
-        with recording_weights(
-            attention_modules(self.layers) if output_attentions else [], output_attentions
-        ) as weights:
-            for layer in self.layers:
-                h = layer(h, mask=mask)  # (B, T, D)
-                hidden.append(h)
+        with recording_attentions(self.layers, output_attentions) as weights:
+            hidden = encoder_stack(self.layers, h, attention_mask)  # h_0 .. h_L, padding hidden
+        h = hidden[-1]  # (B, T, D)
         pooled = None if self.pooler is None else torch.tanh(self.pooler(h[:, 0]))  # (B, D)
         logits = loss = None
         if self.head is not None:

@@ -1,18 +1,18 @@
 """The small pieces several model families share: label conventions, the language-model losses,
 teacher forcing's shifted inputs, default positions, key/value caches for decoding, recording
-hidden states and attentions, GPT-2's initialisation, and the two small base classes of the
-language models: ``DecoderLM`` (GPT, LLaMA, prefix-LM) and ``EncoderDecoderLM`` (Transformer,
-T5, BART).
+attentions and the initialisation of the decoder families. Running a stack of layers and the
+two base classes of the language models are in ``qkv.models.lm``.
 
     causal LM loss   = -mean_t log softmax(logits_t)[y_{t+1}]          (GPT, LLaMA)
     seq2seq loss     = -mean_t log softmax(logits_t)[y_t]              (Transformer, T5, BART)
     decoder input    = [start, y_1, ..., y_{T-1}]                      (Transformer, T5, BART)
     position of x_t  = (number of real tokens up to t) - 1             (with left padding)
 
-Each family file still reads top to bottom on its own, with its layers, its ``forward`` and
-whatever makes the family different; what lives here is the same glue that would otherwise be
-copied into several of them. Labels equal to ``IGNORE_INDEX`` (-100, the
-value PyTorch's ``cross_entropy`` and Hugging Face use) are left out of every loss.
+Each family file still reads top to bottom on its own, with its layers, how it embeds tokens and
+positions, its masks and whatever else makes the family different; what lives here and in
+``qkv.models.lm`` is the glue that would otherwise be copied into several of them. Labels
+equal to ``IGNORE_INDEX`` (-100, the value PyTorch's ``cross_entropy`` and Hugging Face use) are
+left out of every loss.
 
 With a key/value cache a model reads only the T new tokens, while its attention mask covers the
 cached positions too, (B, past + T); ``past_length`` and ``check_attention_mask`` hold that rule.
@@ -24,9 +24,9 @@ E head dim · V vocabulary · L layers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from typing import Protocol
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
@@ -35,18 +35,14 @@ from torch.nn import functional as F
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import MultiHeadAttention, recording_weights
 from qkv.blocks.norms import LayerNorm, RMSNorm
-from qkv.models.base import ModelOutput, QkvModel
 
 __all__ = [
     "IGNORE_INDEX",
-    "DecoderLM",
-    "EncoderDecoderCaches",
-    "EncoderDecoderLM",
     "attention_modules",
     "causal_lm_loss",
     "check_attention_mask",
-    "decoder_lm_output",
     "default_position_ids",
+    "init_gpt2_",
     "init_normal_",
     "new_kv_caches",
     "past_length",
@@ -297,225 +293,13 @@ def init_normal_(model: nn.Module, std: float = 0.02) -> None:
             nn.init.ones_(m.weight)
 
 
-def decoder_lm_output(
-    logits: Tensor,
-    loss: Tensor | None,
-    last_hidden_state: Tensor,
-    layer_inputs: list[Tensor],
-    attentions: list[Tensor],
-    *,
-    output_hidden_states: bool,
-    output_attentions: bool,
-) -> ModelOutput:
-    """A decoder-only model's ``ModelOutput``, recorded fields only where asked for.
-
-    Args:
-        logits: (B, T, V); loss: a scalar, or None without labels.
-        last_hidden_state: the output of the final norm (B, T, D).
-        layer_inputs: the input of every layer, L x (B, T, D), kept when
-            ``output_hidden_states``; ``hidden_states`` adds ``last_hidden_state`` after them (the
-            last layer's output after the final norm, as transformers reports it).
-        attentions: from ``recording_attentions``, L x (B, H, T, S).
+def init_gpt2_(model: nn.Module, n_layers: int, std: float = 0.02) -> None:
+    """``init_normal_``, then GPT-2's depth scaling: the two projections that write into the
+    residual stream (``self_attn.out_proj`` and ``mlp.down_proj``) drawn again with
+    std / sqrt(2 L), so that the stream's variance does not grow with depth (GPT-2, section 2.3).
     """
-    return ModelOutput(
-        logits=logits,
-        loss=loss,
-        last_hidden_state=last_hidden_state,
-        hidden_states=(*layer_inputs, last_hidden_state) if output_hidden_states else None,
-        attentions=tuple(attentions) if output_attentions else None,
-    )
-
-
-class DecoderLMConfig(Protocol):
-    """What ``DecoderLM`` reads from a family's config."""
-
-    @property
-    def max_seq_len(self) -> int: ...
-
-
-class DecoderLM(QkvModel):
-    """What the decoder-only language models (GPT, LLaMA, prefix-LM) share around their layers.
-
-    A family registers its decoder layers as ``layers`` and a ``max_seq_len`` in its config;
-    this class gives it the key/value cache that its ``forward(..., cache=)`` takes.
-    """
-
-    config: DecoderLMConfig
-    layers: nn.ModuleList
-
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> list[KVCache]:
-        """An empty key/value cache, one ``KVCache`` per layer, to pass as ``cache=``.
-
-        Args:
-            batch_size: B of the static caches.
-            max_len: None for dynamic caches; else static ones with room for ``max_len``
-                positions (at most ``max_seq_len``), in the model's dtype and on its device.
-                Each holds the K key/value heads of its layer's attention (with grouped-query
-                attention, fewer than the H query heads: a smaller cache).
-        """
-        attn = attention_modules(self.layers)  # one per layer
-        return new_kv_caches(
-            len(attn), batch_size, max_len, n_kv_heads=attn[0].n_kv_heads,
-            head_dim=attn[0].head_dim, max_seq_len=self.config.max_seq_len, dtype=self.dtype,
-            device=self.device,
-        )  # fmt: skip
-
-
-EncoderDecoderCaches = list[tuple[KVCache, KVCache]]  # per decoder layer: (self, cross)
-Weights = tuple[list[Tensor], list[Tensor], list[Tensor]]  # encoder, decoder, cross-attention
-
-
-class EncoderDecoderLMConfig(Protocol):
-    """What ``EncoderDecoderLM`` reads from a family's config (and ``max_seq_len``, if any)."""
-
-    @property
-    def decoder_start_token_id(self) -> int: ...
-
-    @property
-    def pad_token_id(self) -> int: ...
-
-
-class EncoderDecoderLM(QkvModel):
-    """What the encoder-decoders (Transformer, T5, BART) share around their two stacks.
-
-    A family writes its own ``_encoder_states`` (the embedded source and every encoder layer's
-    output, L + 1 x (B, S, D)), ``_decoder_states`` (the same for the target, attending to the
-    memory, (B, T, D) each), ``_stacks`` (its two ``nn.ModuleList`` of layers) and, if its
-    output layer is more than ``lm_head``, ``_logits``; and its ``forward``. Its config has
-    ``decoder_start_token_id`` and ``pad_token_id``. This class turns those into teacher
-    forcing (``shift_right``), ``encode`` / ``decode`` with key/value caches (``new_caches``),
-    and the ``ModelOutput`` of ``forward``.
-    """
-
-    config: EncoderDecoderLMConfig
-    lm_head: nn.Linear
-
-    def _encoder_states(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
-        raise NotImplementedError
-
-    def _decoder_states(
-        self,
-        decoder_input_ids: Tensor,
-        memory: Tensor,
-        attention_mask: Tensor | None,
-        decoder_attention_mask: Tensor | None,
-        caches: EncoderDecoderCaches | None,
-    ) -> list[Tensor]:
-        raise NotImplementedError
-
-    def _stacks(self) -> tuple[nn.ModuleList, nn.ModuleList]:
-        """The encoder's layers and the decoder's layers."""
-        raise NotImplementedError
-
-    def _logits(self, hidden: Tensor) -> Tensor:
-        """Next-token scores (B, T, V) from the decoder's last hidden states (B, T, D)."""
-        return self.lm_head(hidden)  # (B, T, V)
-
-    def shift_right(self, labels: Tensor) -> Tensor:
-        """Teacher forcing's inputs: ``decoder_start_token_id``, then labels[:, :-1] (B, T).
-
-        Ignored labels (-100) become ``pad_token_id``.
-        """
-        c = self.config
-        return shift_right(labels, c.decoder_start_token_id, c.pad_token_id)  # (B, T)
-
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Read the source (B, S) once: the memory (B, S, D) that every decoding step attends to.
-
-        ``attention_mask`` (B, S): 1 = real token, 0 = padding, on either side (absolute
-        positions count real tokens only; relative ones do not see padding at all).
-        """
-        return self._encoder_states(input_ids, attention_mask)[-1]
-
-    def decode(
-        self,
-        decoder_input_ids: Tensor,
-        memory: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        caches: EncoderDecoderCaches | None = None,
-    ) -> Tensor:
-        """Next-token scores for the target positions given, attending to ``memory``.
-
-        Args:
-            decoder_input_ids: target tokens (B, T), starting with ``decoder_start_token_id``;
-                with ``caches``, only the new tokens of this step.
-            memory: ``encode``'s output (B, S, D).
-            attention_mask: the source's (B, S), 1 = real token, 0 = padding.
-            decoder_attention_mask: (B, past + T) or None; 1 = real token. Decoder positions
-                go on from the cache's length, so decoder inputs are not left-padded.
-            caches: from ``new_caches``, one (self-attention, cross-attention) pair per decoder
-                layer; the new keys and values are appended, and the memory's are computed once,
-                at the first step (pass the same ``memory`` and ``attention_mask`` every step).
-
-        Returns:
-            logits (B, T, V).
-        """
-        states = self._decoder_states(
-            decoder_input_ids, memory, attention_mask, decoder_attention_mask, caches
-        )
-        return self._logits(states[-1])  # (B, T, V)
-
-    def new_caches(self, batch_size: int = 1, max_len: int | None = None) -> EncoderDecoderCaches:
-        """Empty key/value caches for ``decode``: (self-attention, cross-attention) per layer.
-
-        ``max_len``: None for dynamic self-attention caches, else static ones with room for
-        ``max_len`` decoder positions and ``batch_size`` rows (at most the config's
-        ``max_seq_len`` where the family has one; T5's relative positions set no limit). The
-        cross-attention caches are dynamic: ``decode`` fills them once from the memory.
-        """
-        attn = attention_modules(self._stacks()[1], "self_attn")  # one per decoder layer
-        self_caches = new_kv_caches(
-            len(attn), batch_size, max_len, n_kv_heads=attn[0].n_kv_heads,
-            head_dim=attn[0].head_dim, max_seq_len=getattr(self.config, "max_seq_len", None),
-            dtype=self.dtype, device=self.device,
-        )  # fmt: skip
-        return [(kv, KVCache()) for kv in self_caches]
-
-    def _decoder_inputs(self, decoder_input_ids: Tensor | None, labels: Tensor | None) -> Tensor:
-        """``decoder_input_ids`` as given, or else ``shift_right(labels)``."""
-        if decoder_input_ids is not None:
-            return decoder_input_ids
-        if labels is None:
-            raise ValueError("pass decoder_input_ids, or labels to shift right into them")
-        return self.shift_right(labels)  # (B, T)
-
-    @contextmanager
-    def _recording(self, enabled: bool) -> Iterator[Weights]:
-        """Record attention weights on request: the encoder's, the decoder's self-attention's
-        and its cross-attention's, three lists of L x (B, H, T, S) (empty when disabled)."""
-        encoder, decoder = self._stacks()
-        with (
-            recording_attentions(encoder, enabled) as enc_weights,
-            recording_attentions(decoder, enabled, "self_attn") as dec_weights,
-            recording_attentions(decoder, enabled, "cross_attn") as cross_weights,
-        ):
-            yield enc_weights, dec_weights, cross_weights
-
-    def _output(
-        self,
-        logits: Tensor,
-        loss: Tensor | None,
-        encoder_states: list[Tensor],
-        decoder_states: list[Tensor],
-        weights: Weights,
-        *,
-        output_hidden_states: bool,
-        output_attentions: bool,
-    ) -> ModelOutput:
-        """``forward``'s ``ModelOutput``: the decoder's fields, the encoder's ``encoder_*``
-        fields, and the recorded ones only where asked for."""
-        enc_weights, dec_weights, cross_weights = weights
-        hidden, on = output_hidden_states, output_attentions
-        return ModelOutput(
-            logits=logits,
-            loss=loss,
-            last_hidden_state=decoder_states[-1],
-            hidden_states=tuple(decoder_states) if hidden else None,
-            attentions=tuple(dec_weights) if on else None,
-            cross_attentions=tuple(cross_weights) if on else None,
-            encoder_last_hidden_state=encoder_states[-1],
-            encoder_hidden_states=tuple(encoder_states) if hidden else None,
-            encoder_attentions=tuple(enc_weights) if on else None,
-        )
+    init_normal_(model, std=std)  # N(0, std²) weights, biases 0, norms 1 and 0
+    residual_std = std / math.sqrt(2 * n_layers)
+    for name, p in model.named_parameters():
+        if name.endswith(("self_attn.out_proj.weight", "mlp.down_proj.weight")):
+            nn.init.normal_(p, mean=0.0, std=residual_std)

@@ -34,7 +34,6 @@ H query heads · E head dim · F MLP hidden width · V vocabulary · L layers.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -52,16 +51,8 @@ from qkv.models.checks import (
     require_rate,
     require_token_ids,
 )
-from qkv.models.common import (
-    DecoderLM,
-    causal_lm_loss,
-    check_attention_mask,
-    decoder_lm_output,
-    default_position_ids,
-    init_normal_,
-    past_length,
-    recording_attentions,
-)
+from qkv.models.common import init_gpt2_
+from qkv.models.lm import DecoderLM
 from qkv.positional.learned import LearnedPositionalEmbedding
 
 __all__ = ["GPT", "PRESETS", "GPTConfig"]
@@ -147,7 +138,7 @@ def _layer_spec(c: GPTConfig) -> LayerSpec:
     )  # fmt: skip
 
 
-class GPT(DecoderLM):
+class GPT(DecoderLM[GPTConfig]):
     """A GPT-2 style language model: embeddings, L pre-norm decoder layers, a tied head.
 
     Args:
@@ -163,8 +154,6 @@ class GPT(DecoderLM):
     """
 
     family = "gpt"
-    config_class = GPTConfig
-    config: GPTConfig
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
@@ -186,11 +175,7 @@ class GPT(DecoderLM):
 
     def reset_parameters(self) -> None:
         """GPT-2's initialisation (see the module docstring)."""
-        init_normal_(self, std=0.02)  # N(0, 0.02²) weights, biases 0, LayerNorms 1 and 0
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith(("self_attn.out_proj.weight", "mlp.down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
+        init_gpt2_(self, self.config.n_layers, std=0.02)  # out_proj, down_proj: 0.02 / sqrt(2 L)
 
     # --8<-- [start:forward]
     def forward(
@@ -222,32 +207,12 @@ class GPT(DecoderLM):
         Returns:
             ``ModelOutput`` with logits (B, T, V) and, with labels, the loss.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        t = input_ids.shape[1]
-        past = past_length(cache, len(self.layers))
-        if past + t > self.config.max_seq_len:
-            raise ValueError(
-                f"{past + t} positions exceed max_seq_len={self.config.max_seq_len}: GPT has "
-                "a learned embedding for that many positions only; pass a shorter input"
-            )
-        check_attention_mask(attention_mask, past + t)
+        _, position_ids = self._positions(input_ids, attention_mask, position_ids, cache)
         mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, t, past, device=input_ids.device)
         x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, D)
-        hidden: list[Tensor] = []  # on request, the input of every layer
-        with recording_attentions(self.layers, output_attentions) as attentions:
-            for i, layer in enumerate(self.layers):
-                if output_hidden_states:
-                    hidden.append(x)
-                layer_cache = None if cache is None else cache[i]
-                x = layer(x, self_mask=mask, causal=True, cache=layer_cache)  # (B, T, D)
-        x = self.final_norm(x)  # (B, T, D)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
-        return decoder_lm_output(
-            logits, loss, x, hidden, attentions, output_hidden_states=output_hidden_states,
+        # The L layers (causal), final_norm, lm_head (tied) and the next-token loss: DecoderLM.
+        return self._run_layers(
+            x, mask, cache=cache, labels=labels, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )  # fmt: skip
 

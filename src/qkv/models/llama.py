@@ -42,16 +42,8 @@ from qkv.blocks.block import DecoderLayer, LayerSpec
 from qkv.blocks.norms import RMSNorm
 from qkv.models.base import ModelOutput
 from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
-from qkv.models.common import (
-    DecoderLM,
-    causal_lm_loss,
-    check_attention_mask,
-    decoder_lm_output,
-    default_position_ids,
-    init_normal_,
-    past_length,
-    recording_attentions,
-)
+from qkv.models.common import init_normal_
+from qkv.models.lm import DecoderLM
 from qkv.positional.rope import RotaryEmbedding
 
 __all__ = ["PRESETS", "Llama", "LlamaConfig"]
@@ -160,7 +152,7 @@ PRESETS: dict[str, LlamaConfig] = {
 # --8<-- [end:config]
 
 
-class Llama(DecoderLM):
+class Llama(DecoderLM[LlamaConfig]):
     """A LLaMA-style decoder-only language model.
 
     Weights start as in the original: every linear and embedding matrix normal(0, 0.02), RMSNorm
@@ -179,8 +171,6 @@ class Llama(DecoderLM):
     """
 
     family = "llama"
-    config_class = LlamaConfig
-    config: LlamaConfig
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
@@ -239,39 +229,17 @@ class Llama(DecoderLM):
             ``ModelOutput`` with ``logits`` (B, T, V), ``last_hidden_state`` (B, T, D), and
             ``loss`` (scalar, mean cross-entropy) when labels are given.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        past, position_ids = self._positions(input_ids, attention_mask, position_ids, cache)
         t, device, c = input_ids.shape[1], input_ids.device, self.config
-        past = past_length(cache, len(self.layers))  # S = past + T keys
-        if past + t > c.max_seq_len:
-            raise ValueError(
-                f"{past + t} positions exceed max_seq_len={c.max_seq_len}, the longest sequence "
-                "this model is built for; pass a shorter input"
-            )
-        check_attention_mask(attention_mask, past + t)
         mask = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
         if c.sliding_window is not None:  # Mistral: only the last W positions
             window = masks.sliding_window(t, c.sliding_window, past + t, device=device)  # (T, S)
             mask = window if mask is None else mask & window  # (T, S) or (B, 1, T, S)
-        if position_ids is None:  # real tokens counted, so left padding starts at 0
-            position_ids = default_position_ids(attention_mask, t, past, device=device)
-
-        x = self.tok_emb(input_ids)  # (B, T, D)
-        hidden: list[Tensor] = []  # on request, the input of every layer
-        with recording_attentions(self.layers, output_attentions) as weights:
-            for i, layer in enumerate(self.layers):
-                if output_hidden_states:
-                    hidden.append(x)
-                kv = None if cache is None else cache[i]
-                x = layer(
-                    x, self_mask=mask, causal=True, position_ids=position_ids, cache=kv
-                )  # (B, T, D)
-        x = self.final_norm(x)  # (B, T, D)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
-        return decoder_lm_output(
-            logits, loss, x, hidden, weights, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+        x = self.tok_emb(input_ids)  # (B, T, D): no position embedding
+        # The L layers (causal, RoPE by position_ids), final_norm, lm_head and the loss: DecoderLM.
+        return self._run_layers(
+            x, mask, position_ids=position_ids, cache=cache, labels=labels,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )  # fmt: skip
 
     # --8<-- [end:forward]

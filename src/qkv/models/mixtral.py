@@ -187,13 +187,14 @@ class Mixtral(Llama):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> MixtralOutput:
-        """Next-token logits for every position; the arguments are ``Llama.forward``'s.
+        """Next-token logits for every position, and the router losses; the arguments are
+        ``Llama.forward``'s.
 
         Returns:
             ``MixtralOutput``: ``Llama``'s fields, ``router_logits``, ``aux_loss``, ``z_loss``
             and with labels ``loss`` = cross-entropy + c_aux aux_loss + c_z z_loss.
         """
-        out = super().forward(
+        out = super().forward(  # Llama, without labels
             input_ids, attention_mask, position_ids=position_ids, cache=cache,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )  # fmt: skip

@@ -48,17 +48,8 @@ from qkv.models.checks import (
     require_rate,
     require_token_ids,
 )
-from qkv.models.common import (
-    IGNORE_INDEX,
-    DecoderLM,
-    causal_lm_loss,
-    check_attention_mask,
-    decoder_lm_output,
-    default_position_ids,
-    init_normal_,
-    past_length,
-    recording_attentions,
-)
+from qkv.models.common import IGNORE_INDEX, causal_lm_loss, init_normal_
+from qkv.models.lm import DecoderLM
 from qkv.positional import LearnedPositionalEmbedding
 
 __all__ = ["PRESETS", "PrefixLM", "PrefixLMConfig", "prefix_lm_loss"]
@@ -126,12 +117,17 @@ def prefix_lm_loss(logits: Tensor, labels: Tensor, prefix_lengths: Tensor) -> Te
     Returns:
         The mean loss over counted positions, a float32 scalar.
     """
+    return causal_lm_loss(logits, _ignore_prefix(labels, prefix_lengths))
+
+
+def _ignore_prefix(labels: Tensor, prefix_lengths: Tensor) -> Tensor:
+    """``labels`` (B, T) with each row's first ``prefix_lengths`` (B,) positions set to -100."""
     positions = torch.arange(labels.shape[1], device=labels.device)  # (T,)
     in_prefix = positions < prefix_lengths.to(labels.device)[:, None]  # (B, T)
-    return causal_lm_loss(logits, labels.masked_fill(in_prefix, IGNORE_INDEX))
+    return labels.masked_fill(in_prefix, IGNORE_INDEX)  # (B, T)
 
 
-class PrefixLM(DecoderLM):
+class PrefixLM(DecoderLM[PrefixLMConfig]):
     """A decoder-only language model whose prefix attends bidirectionally.
 
     Initialisation as GPT-2 and BERT: linear and embedding weights from normal(0, 0.02²),
@@ -150,8 +146,6 @@ class PrefixLM(DecoderLM):
     """
 
     family = "prefix_lm"
-    config_class = PrefixLMConfig
-    config: PrefixLMConfig
 
     def __init__(self, config: PrefixLMConfig) -> None:
         super().__init__(config)
@@ -253,34 +247,18 @@ class PrefixLM(DecoderLM):
         Returns:
             ``ModelOutput`` with ``logits`` (B, T, V) and, with labels, the loss.
         """
+        past, position_ids = self._positions(input_ids, attention_mask, position_ids, cache)
         (b, t), device = input_ids.shape, input_ids.device
-        past = past_length(cache, len(self.layers))  # S = past + T keys
-        if past + t > self.config.max_seq_len:
-            raise ValueError(
-                f"{past + t} positions exceed max_seq_len={self.config.max_seq_len}: the model "
-                "has a learned embedding for that many positions only"
-            )
-        check_attention_mask(attention_mask, past + t)
         prefix = self._prefix_lengths(prefix_lengths, b, t, past, device)  # (B,)
         mask = self.build_mask(prefix, t, attention_mask, past=past)  # (B, 1, T, S)
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, t, past, device=device)
         x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, D)
-        hidden: list[Tensor] = []  # on request, the input of every layer
-        with recording_attentions(self.layers, output_attentions) as weights:
-            for i, layer in enumerate(self.layers):
-                if output_hidden_states:
-                    hidden.append(x)
-                kv = None if cache is None else cache[i]
-                # causal=False: the prefix-LM mask already holds the causal part.
-                x = layer(x, self_mask=mask, causal=False, cache=kv)  # (B, T, D)
-        x = self.final_norm(x)  # (B, T, D)
-        logits = self.lm_head(x)  # (B, T, V)
-        in_input = (prefix - past).clamp(min=0)  # (B,) prefix positions among the T new ones
-        loss = None if labels is None else prefix_lm_loss(logits, labels, in_input)
-        return decoder_lm_output(
-            logits, loss, x, hidden, weights, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+        if labels is not None:  # the prefix positions among the T new ones are not scored
+            labels = _ignore_prefix(labels, (prefix - past).clamp(min=0))  # (B, T)
+        # causal=False: the prefix-LM mask already holds the causal part. The L layers,
+        # final_norm, lm_head and the next-token loss: DecoderLM.
+        return self._run_layers(
+            x, mask, causal=False, cache=cache, labels=labels,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )  # fmt: skip
 
     # --8<-- [end:forward]

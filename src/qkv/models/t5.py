@@ -33,18 +33,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from qkv.attention.masks import padding
 from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks import DecoderLayer, EncoderLayer, LayerSpec, RMSNorm
-from qkv.models.base import ModelOutput
 from qkv.models.checks import require_positive
-from qkv.models.common import (
-    EncoderDecoderCaches,
-    EncoderDecoderLM,
-    check_attention_mask,
-    past_length,
-    seq2seq_loss,
-)
+from qkv.models.lm import DecoderContext, EncoderDecoderLM, decoder_stack, encoder_stack
 from qkv.positional import T5RelativeBias
 
 __all__ = ["PRESETS", "T5", "T5Config"]
@@ -128,7 +120,7 @@ PRESETS: dict[str, T5Config] = {
 # --8<-- [end:config]
 
 
-class T5(EncoderDecoderLM):
+class T5(EncoderDecoderLM[T5Config]):
     """T5 (Raffel et al. 2020): encoder, decoder and language-model head.
 
     Initialised like Mesh TensorFlow's T5 (the original code): embeddings and an untied lm_head
@@ -136,7 +128,9 @@ class T5(EncoderDecoderLM):
     W_K, W_V and the FFN input normal(0, D^-1/2); W_O normal(0, (H E)^-1/2); the FFN output
     normal(0, F^-1/2); the position biases normal(0, D^-1/2); norm gains 1.
 
-    ``shift_right``, ``encode``, ``decode`` and ``new_caches`` come from ``EncoderDecoderLM``.
+    ``forward``, ``shift_right``, ``encode``, ``decode`` and ``new_caches`` come from
+    ``EncoderDecoderLM``: ``forward`` runs ``encode``, then ``decode`` on the labels shifted right
+    behind the start token (the padding token), and adds the cross-entropy loss.
 
     Example:
         >>> import torch
@@ -148,8 +142,6 @@ class T5(EncoderDecoderLM):
     """
 
     family = "t5"
-    config_class = T5Config
-    config: T5Config
 
     def __init__(self, config: T5Config) -> None:
         super().__init__(config)
@@ -203,46 +195,24 @@ class T5(EncoderDecoderLM):
     def _encoder_states(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
         """The embeddings and every encoder layer's output (the last normed), L + 1 x (B, S, D)."""
         s = input_ids.shape[1]
-        mask = None if attention_mask is None else padding(attention_mask)  # (B, 1, 1, S)
         bias = self.encoder_pos_bias.bias(s, s, device=input_ids.device)  # (1, H, S, S)
         x = self.dropout(self.tok_emb(input_ids))  # (B, S, D)
-        states = [x]
-        for layer in self.encoder_layers:
-            x = layer(x, mask=mask, bias=bias)  # (B, S, D), one bias shared by all layers
-            states.append(x)
-        states[-1] = self.dropout(self.encoder_norm(x))  # (B, S, D)
+        states = encoder_stack(
+            self.encoder_layers, x, attention_mask, bias=bias
+        )  # one bias, all layers
+        states[-1] = self.dropout(self.encoder_norm(states[-1]))  # (B, S, D)
         return states
 
     # --8<-- [end:encode]
 
     # --8<-- [start:decode]
-    def _decoder_states(
-        self,
-        decoder_input_ids: Tensor,
-        memory: Tensor,
-        attention_mask: Tensor | None,
-        decoder_attention_mask: Tensor | None,
-        caches: EncoderDecoderCaches | None,
-    ) -> list[Tensor]:
+    def _decoder_states(self, decoder_input_ids: Tensor, ctx: DecoderContext) -> list[Tensor]:
         """The embeddings and every decoder layer's output (the last normed), L + 1 x (B, T, D)."""
-        t = decoder_input_ids.shape[1]
-        past = past_length(caches, len(self.decoder_layers))  # S_self = past + T keys
-        check_attention_mask(decoder_attention_mask, past + t, "decoder_attention_mask")
-        self_mask = memory_mask = None
-        if decoder_attention_mask is not None:
-            self_mask = padding(decoder_attention_mask)  # (B, 1, 1, past + T)
-        if attention_mask is not None:
-            memory_mask = padding(attention_mask)  # (B, 1, 1, S)
-        device = decoder_input_ids.device
-        bias = self.decoder_pos_bias.bias(t, past + t, device=device)  # (1, H, T, past + T)
+        t, device = decoder_input_ids.shape[1], decoder_input_ids.device
+        bias = self.decoder_pos_bias.bias(t, ctx.past + t, device=device)  # (1, H, T, past + T)
         x = self.dropout(self.tok_emb(decoder_input_ids))  # (B, T, D)
-        states = [x]
-        for i, layer in enumerate(self.decoder_layers):
-            kv, cross_kv = (None, None) if caches is None else caches[i]
-            x = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask, bias=bias,
-                      cache=kv, cross_cache=cross_kv)  # (B, T, D)  # fmt: skip
-            states.append(x)
-        states[-1] = self.dropout(self.decoder_norm(x))  # (B, T, D)
+        states = decoder_stack(self.decoder_layers, x, ctx, bias=bias)  # causal, cross-attending
+        states[-1] = self.dropout(self.decoder_norm(states[-1]))  # (B, T, D)
         return states
 
     def _logits(self, hidden: Tensor) -> Tensor:
@@ -254,46 +224,3 @@ class T5(EncoderDecoderLM):
 
     def _stacks(self) -> tuple[nn.ModuleList, nn.ModuleList]:
         return self.encoder_layers, self.decoder_layers
-
-    # --8<-- [start:forward]
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        decoder_input_ids: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        *,
-        labels: Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> ModelOutput:
-        """Encode ``input_ids``, decode ``decoder_input_ids`` and score the next tokens.
-
-        Args:
-            input_ids: (B, S) token ids; attention_mask: (B, S), 1 = real token, 0 = padding.
-            decoder_input_ids: (B, T); when None, ``shift_right(labels)`` (teacher forcing).
-            decoder_attention_mask: (B, T), 1 = real token, 0 = padding.
-            labels: (B, T) targets; gives ``loss``, the mean cross-entropy over labels != -100.
-            output_hidden_states: also return the embeddings and every layer's output, the last
-                one after the final norm (as transformers does), L + 1 tensors each.
-            output_attentions: also return every layer's attention weights: the decoder's
-                (B, H, T, T) in ``attentions``, (B, H, T, S) in ``cross_attentions``, the
-                encoder's (B, H, S, S) in ``encoder_attentions``.
-
-        Returns:
-            ``ModelOutput``: logits (B, T, V), loss, the decoder's last_hidden_state,
-            hidden_states, attentions and cross_attentions, and the encoder_* fields.
-        """
-        decoder_input_ids = self._decoder_inputs(decoder_input_ids, labels)  # (B, T)
-        with self._recording(output_attentions) as weights:  # encoder, decoder, cross
-            enc = self._encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
-            states = self._decoder_states(decoder_input_ids, enc[-1], attention_mask,
-                                          decoder_attention_mask, None)  # fmt: skip
-        logits = self._logits(states[-1])  # (B, T, V)
-        loss = None if labels is None else seq2seq_loss(logits, labels)
-        return self._output(
-            logits, loss, enc, states, weights, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-        )  # fmt: skip
-
-    # --8<-- [end:forward]

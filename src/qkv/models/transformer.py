@@ -29,18 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from qkv.attention import masks
 from qkv.blocks import DecoderLayer, EncoderLayer, LayerSpec
-from qkv.models.base import ModelOutput
 from qkv.models.checks import require_divisible, require_positive, require_rate
-from qkv.models.common import (
-    EncoderDecoderCaches,
-    EncoderDecoderLM,
-    check_attention_mask,
-    default_position_ids,
-    past_length,
-    seq2seq_loss,
-)
+from qkv.models.common import default_position_ids, seq2seq_loss
+from qkv.models.lm import DecoderContext, EncoderDecoderLM, decoder_stack, encoder_stack
 from qkv.positional import SinusoidalPositionalEncoding
 
 __all__ = ["PRESETS", "Transformer", "TransformerConfig"]
@@ -122,14 +114,15 @@ def _layer_spec(c: TransformerConfig) -> LayerSpec:
     )  # fmt: skip
 
 
-class Transformer(EncoderDecoderLM):
+class Transformer(EncoderDecoderLM[TransformerConfig]):
     """The encoder-decoder Transformer of "Attention Is All You Need" (post-norm, ReLU).
 
     Initialisation follows tensor2tensor, the paper's code: embeddings from normal(0, 1/D), so
     that after the sqrt(D) scaling they have unit variance like the positions; every other
     matrix Xavier-uniform (as ``torch.nn.Transformer``), biases 0, LayerNorms 1 and 0.
 
-    ``shift_right``, ``encode``, ``decode`` and ``new_caches`` come from ``EncoderDecoderLM``.
+    ``forward``, ``shift_right``, ``encode``, ``decode`` and ``new_caches`` come from
+    ``EncoderDecoderLM``; this class says how each stack embeds its tokens and which loss trains it.
 
     Args:
         config: a ``TransformerConfig``.
@@ -144,8 +137,6 @@ class Transformer(EncoderDecoderLM):
     """
 
     family = "transformer"
-    config_class = TransformerConfig
-    config: TransformerConfig
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config)
@@ -183,91 +174,29 @@ class Transformer(EncoderDecoderLM):
 
     # --8<-- [end:embed]
 
+    # --8<-- [start:forward]
+    # forward (``EncoderDecoderLM``): the source through _encoder_states, the memory it returns
+    # into _decoder_states with the target shifted right (teacher forcing), lm_head, _loss.
     def _encoder_states(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
         """The embedded source and every encoder layer's output, each (B, S, D)."""
-        keep = None if attention_mask is None else masks.padding(attention_mask)  # (B, 1, 1, S)
         # Positions count real tokens, so a left-padded source reads as it would alone.
         s, device = input_ids.shape[1], input_ids.device
         positions = default_position_ids(attention_mask, s, device=device)  # (B, S) or (S,)
         x = self._embed(self.src_emb, input_ids, positions)  # (B, S, D)
-        states = [x]
-        for layer in self.encoder:
-            x = layer(x, mask=keep)  # (B, S, D)
-            states.append(x)
-        return states
+        return encoder_stack(self.encoder, x, attention_mask)  # padding hidden, L + 1 x (B, S, D)
 
-    def _decoder_states(
-        self,
-        decoder_input_ids: Tensor,
-        memory: Tensor,
-        attention_mask: Tensor | None,
-        decoder_attention_mask: Tensor | None,
-        caches: EncoderDecoderCaches | None,
-    ) -> list[Tensor]:
+    def _decoder_states(self, decoder_input_ids: Tensor, ctx: DecoderContext) -> list[Tensor]:
         """The embedded target and every decoder layer's output, each (B, T, D)."""
         t, device = decoder_input_ids.shape[1], decoder_input_ids.device
-        past = past_length(caches, len(self.decoder))  # positions go on from the cache's length
-        check_attention_mask(decoder_attention_mask, past + t, "decoder_attention_mask")
-        memory_keep = None if attention_mask is None else masks.padding(attention_mask)
-        self_keep = None  # padding of the target, (B, 1, 1, past + T); causal is added below
-        if decoder_attention_mask is not None:
-            self_keep = masks.padding(decoder_attention_mask)
-        positions = torch.arange(past, past + t, device=device)  # (T,)
-        x = self._embed(self.tgt_emb, decoder_input_ids, positions, past)  # (B, T, D)
-        states = [x]
-        for i, layer in enumerate(self.decoder):
-            cache, cross_cache = caches[i] if caches is not None else (None, None)
-            x = layer(
-                x, memory, self_mask=self_keep, memory_mask=memory_keep, causal=True,
-                cache=cache, cross_cache=cross_cache,
-            )  # fmt: skip
-            states.append(x)  # (B, T, D)
-        return states
+        positions = torch.arange(ctx.past, ctx.past + t, device=device)  # (T,), after the cache
+        x = self._embed(self.tgt_emb, decoder_input_ids, positions, ctx.past)  # (B, T, D)
+        return decoder_stack(self.decoder, x, ctx)  # causal, cross-attending, L + 1 x (B, T, D)
 
     def _stacks(self) -> tuple[nn.ModuleList, nn.ModuleList]:
         return self.encoder, self.decoder
 
-    # --8<-- [start:forward]
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        decoder_input_ids: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        *,
-        labels: Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> ModelOutput:
-        """Encode the source, decode the target with teacher forcing, score every position.
-
-        Args:
-            input_ids: source tokens (B, S); ``attention_mask`` (B, S), 1 = real, 0 = padding.
-            decoder_input_ids: target inputs (B, T); by default ``shift_right(labels)``.
-            decoder_attention_mask: (B, T), 1 = real token, 0 = padding.
-            labels: the target tokens (B, T), not shifted: position t predicts labels[:, t];
-                -100 marks positions to ignore (padding).
-            output_hidden_states: also return the embeddings and every layer's output.
-            output_attentions: also return every layer's attention weights (B, H, T, S).
-
-        Returns:
-            ``ModelOutput`` with ``logits`` (B, T, V), ``loss`` (label-smoothed cross-entropy)
-            with labels, ``last_hidden_state`` (B, T, D), the decoder's ``hidden_states`` and
-            ``attentions``, the encoder's ``encoder_*``, and ``cross_attentions``.
-        """
-        decoder_input_ids = self._decoder_inputs(decoder_input_ids, labels)  # (B, T)
-        with self._recording(output_attentions) as weights:  # encoder, decoder, cross
-            enc = self._encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
-            states = self._decoder_states(
-                decoder_input_ids, enc[-1], attention_mask, decoder_attention_mask, None
-            )  # L + 1 x (B, T, D)
-        logits = self.lm_head(states[-1])  # (B, T, V)
-        loss = None
-        if labels is not None:  # section 5.4: label smoothing
-            loss = seq2seq_loss(logits, labels, label_smoothing=self.config.label_smoothing)
-        return self._output(
-            logits, loss, enc, states, weights, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-        )  # fmt: skip
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Section 5.4: cross-entropy with label smoothing (epsilon_ls = 0.1 in the paper)."""
+        return seq2seq_loss(logits, labels, label_smoothing=self.config.label_smoothing)
 
     # --8<-- [end:forward]

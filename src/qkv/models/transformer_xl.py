@@ -40,7 +40,6 @@ V vocabulary · L layers · N tokens of a long text.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +52,7 @@ from qkv.blocks.mlp import ActivationName, FeedForward
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput, QkvModel
 from qkv.models.checks import require_activation, require_divisible, require_positive, require_rate
-from qkv.models.common import causal_lm_loss, init_normal_
+from qkv.models.common import causal_lm_loss, init_gpt2_
 
 __all__ = [
     "PRESETS",
@@ -152,7 +151,7 @@ class XLLayer(nn.Module):
         return residual_sublayer(x, self.mlp, self.mlp_norm, self.dropout, norm_first=True)
 
 
-class TransformerXL(QkvModel):
+class TransformerXL(QkvModel[TransformerXLConfig]):
     """A Transformer-XL language model: embeddings, L layers with memory, a tied head.
 
     Args:
@@ -169,8 +168,6 @@ class TransformerXL(QkvModel):
     """
 
     family = "transformer_xl"
-    config_class = TransformerXLConfig
-    config: TransformerXLConfig
 
     def __init__(self, config: TransformerXLConfig) -> None:
         super().__init__(config)
@@ -186,11 +183,7 @@ class TransformerXL(QkvModel):
 
     def reset_parameters(self) -> None:
         """GPT-2's initialisation (see ``qkv.models.gpt``); u and v keep their own N(0, 0.02²)."""
-        init_normal_(self, std=0.02)
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith(("self_attn.out_proj.weight", "mlp.down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
+        init_gpt2_(self, self.config.n_layers, std=0.02)
 
     def new_memory(self, batch_size: int = 1) -> Tensor:
         """The memory before the first segment: nothing yet, (L, B, 0, D)."""

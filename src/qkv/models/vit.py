@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qkv.attention.multihead import recording_weights
 from qkv.blocks import ActivationName, EncoderLayer, LayerNorm, LayerSpec
 from qkv.models.base import ModelOutput, QkvModel
 from qkv.models.checks import require_activation, require_divisible, require_positive, require_rate
-from qkv.models.common import IGNORE_INDEX, attention_modules
+from qkv.models.common import IGNORE_INDEX, recording_attentions
+from qkv.models.lm import encoder_stack
 from qkv.positional import LearnedPositionalEmbedding
 
 __all__ = ["PRESETS", "ViT", "ViTConfig"]
@@ -112,7 +112,7 @@ PRESETS: dict[str, ViTConfig] = {
 # --8<-- [end:config]
 
 
-class ViT(QkvModel):
+class ViT(QkvModel[ViTConfig]):
     """The Vision Transformer: patch embedding, class token, pre-norm encoder, linear head.
 
     Initialisation follows timm and Hugging Face: weights of the linear layers, the patch
@@ -132,8 +132,6 @@ class ViT(QkvModel):
     """
 
     family = "vit"
-    config_class = ViTConfig
-    config: ViTConfig
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__(config)
@@ -214,14 +212,9 @@ class ViT(QkvModel):
             final LayerNorm, and ``pooler_output`` (B, D) for a backbone with a pooler.
         """
         x = self.dropout(self.embed(pixel_values))  # (B, T, D)
-        states = [x]
-        with recording_weights(
-            attention_modules(self.layers) if output_attentions else [], output_attentions
-        ) as weights:
-            for layer in self.layers:
-                x = layer(x)  # (B, T, D)
-                states.append(x)
-        h = self.final_norm(x)  # (B, T, D)
+        with recording_attentions(self.layers, output_attentions) as weights:
+            states = encoder_stack(self.layers, x)  # z_0 .. z_L, each (B, T, D)
+        h = self.final_norm(states[-1])  # (B, T, D)
         cls = h[:, 0]  # (B, D), the class token: y of equation 4
         logits = self.head(cls) if self.head is not None else None  # (B, num_labels)
         pooled = torch.tanh(self.pooler(cls)) if self.pooler is not None else None  # (B, D)
