@@ -9,6 +9,7 @@ import pytest
 import torch
 from matplotlib import image
 
+import qkv
 from qkv.blocks.moe import MixtureOfExperts
 from qkv.cli.main import main
 from qkv.train import config_from_dict, train
@@ -106,3 +107,22 @@ def test_expert_counts_that_do_not_fit_the_model_are_refused(tmp_path: Path) -> 
     (tmp_path / "x.json").write_text("{}", encoding="utf-8")
     with pytest.raises(ValueError, match=r"not an experts\.json"):
         read_expert_load(tmp_path / "x.json")
+
+
+def test_a_gpt_with_experts_from_the_command_line(tmp_path: Path, cache_dir: Path) -> None:
+    """``--model.experts`` gives gpt-char's GPT a mixture of experts in every layer; the run logs
+    its routing and the saved model keeps the experts."""
+    out = tmp_path / "gpt-moe"
+    code = main(["train", "--preset", "gpt-char", "--model.d_model", "32", "--model.n_layers",
+                 "2", "--model.n_heads", "2", "--data.seq_len", "32", "--train.batch_size", "4",
+                 "--train.max_steps", "2", "--train.max_time", "", "--train.eval_batches", "1",
+                 "--train.checkpoint_every", "0", "--eval.sample_tokens", "4",
+                 "--model.experts", "{n_experts: 4, top_k: 1, capacity_factor: 1.0}",
+                 "--out", str(out), "--quiet", "--cache-dir", str(cache_dir)])  # fmt: skip
+    assert code == 0
+    assert all(row["moe_dropped"] for row in read_metrics(out / "metrics.csv"))
+    tokens = torch.tensor(read_expert_load(out / "experts.json")["tokens_per_expert"])
+    assert tokens.shape == (2, N_EXPERTS) and (tokens.sum(1) == 2 * 4 * 31).all()  # top-1
+    model = qkv.from_pretrained(out / "final")
+    assert model.config.experts is not None and model.config.experts.top_k == 1
+    assert sum(isinstance(m, MixtureOfExperts) for m in model.modules()) == 2

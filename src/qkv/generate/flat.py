@@ -222,6 +222,8 @@ def _stock_layer(layer: nn.Module, rotary: nn.Module | None) -> bool:
     if type(layer) is not DecoderLayer or layer.cross_attn is not None or not layer.norm_first:
         return False
     attn, mlp = layer.self_attn, layer.mlp
+    if type(mlp) not in (FeedForward, GatedFeedForward):  # e.g. a mixture of experts
+        return False
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.up_proj, mlp.down_proj]
     if type(mlp) is GatedFeedForward:
         linears.append(mlp.gate_proj)
@@ -231,7 +233,6 @@ def _stock_layer(layer: nn.Module, rotary: nn.Module | None) -> bool:
         and attn.score_bias is None
         and attn.attn_impl in ("auto", "sdpa")
         and not attn.capture_weights
-        and type(mlp) in (FeedForward, GatedFeedForward)
         and all(type(m) is nn.Linear for m in linears)
         and _stock_norm(layer.attn_norm)
         and _stock_norm(layer.mlp_norm)

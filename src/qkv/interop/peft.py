@@ -71,10 +71,12 @@ _UNSUPPORTED = {
 
 def _converter(model: nn.Module) -> Converter:
     converter = converter_for_class(type(model)) if isinstance(model, QkvModel) else None
-    if converter is None:
+    experts = getattr(getattr(model, "config", None), "experts", None) is not None
+    if converter is None or experts:
+        what = "with experts in place of its feed-forward networks " if experts else ""
         raise CheckpointError(
-            f"{type(model).__name__} has no Hugging Face counterpart, so a PEFT adapter for it "
-            "has no transformers module names; save the adapters with qkv's "
+            f"{type(model).__name__} {what}has no Hugging Face counterpart, so a PEFT adapter "
+            "for it has no transformers module names; save the adapters with qkv's "
             "lora_state_dict(model) instead"
         )
     return converter

@@ -234,8 +234,11 @@ def save_pretrained(
     out = Path(directory)
     converter = converter_for_class(type(model))
     quantization = quantization_of(model)  # quantised models: qkv's own layout (quantized.py)
+    # Experts in place of the feed-forward networks (a config's experts) have no transformers
+    # counterpart in that family's class: qkv's own layout too.
+    hf_layout = quantization is None and getattr(model.config, "experts", None) is None
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if converter is not None and quantization is None:
+    if converter is not None and hf_layout:
         config = converter.config_to_hf(model.config)
         tensors = converter.weights_to_hf(state, model.config)
     else:

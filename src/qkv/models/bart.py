@@ -43,9 +43,11 @@ import torch
 from torch import Tensor, nn
 
 from qkv.blocks import ActivationName, DecoderLayer, EncoderLayer, LayerSpec
+from qkv.blocks.moe import Experts
 from qkv.models.checks import (
     require_activation,
     require_divisible,
+    require_experts,
     require_positive,
     require_rate,
     require_token_ids,
@@ -82,8 +84,13 @@ class BartConfig:
     eos_token_id: int = 2
     decoder_start_token_id: int = 2  # the first decoder input; labels shift right behind it
     attn_impl: str = "auto"
+    # A mixture of experts in place of every layer's feed-forward network, each expert of the
+    # network's shape: qkv.blocks.moe.Experts, or a dict of its fields ({"n_experts": 4,
+    # "top_k": 2}); None: dense. See docs/learn/13-cheaper-models.md.
+    experts: Experts | None = None
 
     def __post_init__(self) -> None:
+        require_experts(self)
         sizes = ("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff")
         require_positive(self, *sizes, "max_seq_len")
         advice = "each head gets d_model / n_heads dimensions"
@@ -176,7 +183,7 @@ class Bart(EncoderDecoderLM[BartConfig]):
         spec = LayerSpec(
             d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
             attention_dropout=c.attention_dropout, activation_dropout=c.activation_dropout,
-            activation=c.activation, norm_first=False, attn_impl=c.attn_impl,
+            activation=c.activation, norm_first=False, attn_impl=c.attn_impl, experts=c.experts,
         )  # fmt: skip
         self.encoder = nn.ModuleList(EncoderLayer(spec) for _ in range(c.n_encoder_layers))
         self.decoder = nn.ModuleList(

@@ -45,9 +45,10 @@ from torch.nn import functional as F
 
 from qkv.blocks.block import EncoderLayer, LayerSpec
 from qkv.blocks.mlp import ActivationName, get_activation
+from qkv.blocks.moe import Experts
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.checks import require_divisible, require_positive, require_rate
+from qkv.models.checks import require_divisible, require_experts, require_positive, require_rate
 from qkv.models.common import IGNORE_INDEX, recording_attentions
 from qkv.models.lm import encoder_stack
 from qkv.positional.learned import LearnedPositionalEmbedding
@@ -85,8 +86,13 @@ class BertConfig:
     num_labels: int = 2  # classification only; 1 means regression (MSE loss)
     add_pooler: bool = True  # the [CLS] pooler; checkpoints of a masked-LM model have none
     attn_impl: str = "auto"
+    # A mixture of experts in place of every layer's feed-forward network, each expert of the
+    # network's shape: qkv.blocks.moe.Experts, or a dict of its fields ({"n_experts": 4,
+    # "top_k": 2}); None: dense. See docs/learn/13-cheaper-models.md.
+    experts: Experts | None = None
 
     def __post_init__(self) -> None:
+        require_experts(self)
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
         require_positive(self, *sizes, "type_vocab_size", "num_labels", must_be="at least 1")
         require_divisible(self, "d_model", "n_heads")
@@ -227,6 +233,7 @@ class Bert(QkvModel[BertConfig]):
         spec = LayerSpec(
             d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
             activation=c.activation, norm_eps=c.norm_eps, norm_first=False, attn_impl=c.attn_impl,
+            experts=c.experts,
         )  # fmt: skip
         self.layers = nn.ModuleList(EncoderLayer(spec) for _ in range(c.n_layers))
         self.pooler = nn.Linear(c.d_model, c.d_model) if c.add_pooler else None

@@ -9,6 +9,7 @@ head width, ViT's pooler) stays in that family's config.
     require_token_ids(self, "eos_token_id", vocab_size=V)    # None, or an id in [0, V)
     require_divisible(self, "d_model", "n_heads")            # each head gets D / H features
     require_rate(self, "dropout")                            # a probability in [0, 1)
+    require_experts(self)                                    # None, or a valid Experts
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 from qkv.blocks import ACTIVATIONS
+from qkv.blocks.moe import Experts
 
 __all__ = [
     "require_activation",
     "require_divisible",
+    "require_experts",
     "require_positive",
     "require_rate",
     "require_token_ids",
@@ -66,3 +69,13 @@ def require_activation(config: Any, name: str = "activation") -> None:
     value = getattr(config, name)
     if value not in ACTIVATIONS:
         raise ValueError(f"unknown {name} {value!r}; choose one of {list(ACTIVATIONS)}")
+
+
+def require_experts(config: Any, name: str = "experts") -> None:
+    """Field ``name`` is None or a mixture of experts: an ``Experts`` or a dict of its fields
+    (what config.json and YAML hold), which becomes an ``Experts`` in the (frozen) config."""
+    try:
+        value = Experts.of(getattr(config, name))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: {e}") from None
+    object.__setattr__(config, name, value)

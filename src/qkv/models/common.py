@@ -301,5 +301,8 @@ def init_gpt2_(model: nn.Module, n_layers: int, std: float = 0.02) -> None:
     init_normal_(model, std=std)  # N(0, std²) weights, biases 0, norms 1 and 0
     residual_std = std / math.sqrt(2 * n_layers)
     for name, p in model.named_parameters():
-        if name.endswith(("self_attn.out_proj.weight", "mlp.down_proj.weight")):
+        # mlp.down_proj, or each expert's (mlp.experts.{e}.down_proj) in a mixture of experts
+        if name.endswith("self_attn.out_proj.weight") or (
+            ".mlp." in name and name.endswith("down_proj.weight")
+        ):
             nn.init.normal_(p, mean=0.0, std=residual_std)

@@ -42,11 +42,13 @@ from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
 from qkv.blocks.block import DecoderLayer, LayerSpec
 from qkv.blocks.mlp import ActivationName
+from qkv.blocks.moe import Experts
 from qkv.blocks.norms import LayerNorm
 from qkv.models.base import ModelOutput
 from qkv.models.checks import (
     require_activation,
     require_divisible,
+    require_experts,
     require_positive,
     require_rate,
     require_token_ids,
@@ -78,8 +80,13 @@ class GPTConfig:
     eos_token_id: int | None = None  # generation stops here by default
     pad_token_id: int | None = None  # fills rows that ended (None: the eos id)
     attn_impl: str = "auto"  # see qkv.scaled_dot_product_attention
+    # A mixture of experts in place of every layer's feed-forward network, each expert of the
+    # network's shape: qkv.blocks.moe.Experts, or a dict of its fields ({"n_experts": 4,
+    # "top_k": 2}); None: dense. See docs/learn/13-cheaper-models.md.
+    experts: Experts | None = None
 
     def __post_init__(self) -> None:
+        require_experts(self)
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
         require_positive(self, *sizes, must_be="a positive integer")
         tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -134,7 +141,7 @@ def _layer_spec(c: GPTConfig) -> LayerSpec:
     return LayerSpec(
         d_model=c.d_model, n_heads=c.n_heads, d_ff=c.ff_width, dropout=c.dropout,
         activation=c.activation, norm="layer", norm_eps=c.norm_eps, norm_first=True,
-        attn_impl=c.attn_impl,
+        attn_impl=c.attn_impl, experts=c.experts,
     )  # fmt: skip
 
 

@@ -39,9 +39,16 @@ from torch import Tensor, nn
 from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
 from qkv.blocks.block import DecoderLayer, LayerSpec
+from qkv.blocks.moe import Experts
 from qkv.blocks.norms import RMSNorm
 from qkv.models.base import ModelOutput
-from qkv.models.checks import require_divisible, require_positive, require_rate, require_token_ids
+from qkv.models.checks import (
+    require_divisible,
+    require_experts,
+    require_positive,
+    require_rate,
+    require_token_ids,
+)
 from qkv.models.common import init_normal_
 from qkv.models.lm import DecoderLM
 from qkv.positional.rope import RotaryEmbedding
@@ -88,8 +95,13 @@ class LlamaConfig:
     eos_token_id: int | None = 2  # generation stops here by default
     pad_token_id: int | None = None  # fills rows that ended (None: the eos id)
     attn_impl: str = "auto"
+    # A mixture of experts in place of every layer's feed-forward network, each expert of the
+    # network's shape: qkv.blocks.moe.Experts, or a dict of its fields ({"n_experts": 4,
+    # "top_k": 2}); None: dense. See docs/learn/13-cheaper-models.md.
+    experts: Experts | None = None
 
     def __post_init__(self) -> None:
+        require_experts(self)
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
         require_positive(self, *sizes, "max_seq_len")
         tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -183,6 +195,7 @@ class Llama(DecoderLM[LlamaConfig]):
             d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, n_kv_heads=c.n_kv_heads,
             dropout=c.dropout, activation="silu", gated=True, norm="rms", norm_eps=c.norm_eps,
             bias=False, norm_first=True, rotary=self.rotary, attn_impl=c.attn_impl,
+            experts=c.experts,
         )  # fmt: skip
         self.layers = nn.ModuleList(
             DecoderLayer(spec, cross_attention=False) for _ in range(c.n_layers)

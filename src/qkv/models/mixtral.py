@@ -76,6 +76,11 @@ class MixtralConfig(LlamaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.experts is not None:
+            raise ValueError(
+                "experts: Mixtral's feed-forward networks are already mixtures of experts, set "
+                "by n_experts, top_k and capacity_factor; leave experts unset"
+            )
         require_positive(self, "n_experts", "top_k")
         if self.top_k > self.n_experts:
             raise ValueError(

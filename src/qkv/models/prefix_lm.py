@@ -40,10 +40,12 @@ from torch import Tensor, nn
 from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
 from qkv.blocks import ActivationName, DecoderLayer, LayerNorm, LayerSpec
+from qkv.blocks.moe import Experts
 from qkv.models.base import ModelOutput
 from qkv.models.checks import (
     require_activation,
     require_divisible,
+    require_experts,
     require_positive,
     require_rate,
     require_token_ids,
@@ -74,8 +76,13 @@ class PrefixLMConfig:
     eos_token_id: int | None = None  # vocabulary has them; generation stops at eos
     pad_token_id: int | None = None  # fills rows that ended (None: the eos id)
     attn_impl: str = "auto"
+    # A mixture of experts in place of every layer's feed-forward network, each expert of the
+    # network's shape: qkv.blocks.moe.Experts, or a dict of its fields ({"n_experts": 4,
+    # "top_k": 2}); None: dense. See docs/learn/13-cheaper-models.md.
+    experts: Experts | None = None
 
     def __post_init__(self) -> None:
+        require_experts(self)
         require_positive(self, "vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len")
         tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
         require_token_ids(self, *tokens, vocab_size=self.vocab_size)
@@ -156,6 +163,7 @@ class PrefixLM(DecoderLM[PrefixLMConfig]):
         spec = LayerSpec(
             d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
             activation=c.activation, norm_eps=c.norm_eps, norm_first=True, attn_impl=c.attn_impl,
+            experts=c.experts,
         )  # fmt: skip
         self.layers = nn.ModuleList(
             DecoderLayer(spec, cross_attention=False) for _ in range(c.n_layers)

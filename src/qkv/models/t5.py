@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks import DecoderLayer, EncoderLayer, LayerSpec, RMSNorm
-from qkv.models.checks import require_positive
+from qkv.blocks.moe import Experts
+from qkv.models.checks import require_experts, require_positive
 from qkv.models.lm import DecoderContext, EncoderDecoderLM, decoder_stack, encoder_stack
 from qkv.positional import T5RelativeBias
 
@@ -64,8 +65,13 @@ class T5Config:
     eos_token_id: int = 1
     decoder_start_token_id: int = 0  # T5 starts decoding from the pad token
     attn_impl: str = "auto"
+    # A mixture of experts in place of every layer's feed-forward network, each expert of the
+    # network's shape: qkv.blocks.moe.Experts, or a dict of its fields ({"n_experts": 4,
+    # "top_k": 2}); None: dense. See docs/learn/13-cheaper-models.md.
+    experts: Experts | None = None
 
     def __post_init__(self) -> None:
+        require_experts(self)
         sizes = ("vocab_size", "d_model", "d_kv", "d_ff", "n_layers", "n_heads")
         require_positive(self, *sizes, must_be="a positive integer")
         if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
@@ -158,7 +164,7 @@ class T5(EncoderDecoderLM[T5Config]):
             d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
             activation="gelu_tanh" if gated else "relu", gated=gated, norm="rms",
             norm_eps=c.norm_eps, bias=False, norm_first=True, head_dim=c.d_kv, attn_scale=1.0,
-            attn_impl=c.attn_impl,
+            attn_impl=c.attn_impl, experts=c.experts,
         )  # fmt: skip
         self.encoder_layers = nn.ModuleList(EncoderLayer(spec) for _ in range(c.n_layers))
         self.encoder_norm = RMSNorm(c.d_model, eps=c.norm_eps)

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from qkv.blocks import DecoderLayer, EncoderLayer, LayerSpec
-from qkv.models.checks import require_divisible, require_positive, require_rate
+from qkv.blocks.moe import Experts
+from qkv.models.checks import require_divisible, require_experts, require_positive, require_rate
 from qkv.models.common import default_position_ids, seq2seq_loss
 from qkv.models.lm import DecoderContext, EncoderDecoderLM, decoder_stack, encoder_stack
 from qkv.positional import SinusoidalPositionalEncoding
@@ -60,8 +61,13 @@ class TransformerConfig:
     decoder_start_token_id: int = 1  # BOS: the decoder's first input
     eos_token_id: int = 2
     attn_impl: str = "auto"
+    # A mixture of experts in place of every layer's feed-forward network, each expert of the
+    # network's shape: qkv.blocks.moe.Experts, or a dict of its fields ({"n_experts": 4,
+    # "top_k": 2}); None: dense. See docs/learn/13-cheaper-models.md.
+    experts: Experts | None = None
 
     def __post_init__(self) -> None:
+        require_experts(self)
         require_positive(
             self, "src_vocab_size", "tgt_vocab_size", "n_encoder_layers", "n_decoder_layers"
         )
@@ -110,7 +116,7 @@ def _layer_spec(c: TransformerConfig) -> LayerSpec:
     """Every layer of the paper: post-norm (Add & Norm after each sublayer, Figure 1), ReLU."""
     return LayerSpec(
         d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout, activation="relu",
-        norm_eps=c.norm_eps, norm_first=False, attn_impl=c.attn_impl,
+        norm_eps=c.norm_eps, norm_first=False, attn_impl=c.attn_impl, experts=c.experts,
     )  # fmt: skip
 
 

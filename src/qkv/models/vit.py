@@ -31,8 +31,15 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qkv.blocks import ActivationName, EncoderLayer, LayerNorm, LayerSpec
+from qkv.blocks.moe import Experts
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.checks import require_activation, require_divisible, require_positive, require_rate
+from qkv.models.checks import (
+    require_activation,
+    require_divisible,
+    require_experts,
+    require_positive,
+    require_rate,
+)
 from qkv.models.common import IGNORE_INDEX, recording_attentions
 from qkv.models.lm import encoder_stack
 from qkv.positional import LearnedPositionalEmbedding
@@ -58,8 +65,13 @@ class ViTConfig:
     norm_eps: float = 1e-12
     activation: ActivationName = "gelu"
     attn_impl: str = "auto"
+    # A mixture of experts in place of every layer's feed-forward network, each expert of the
+    # network's shape: qkv.blocks.moe.Experts, or a dict of its fields ({"n_experts": 4,
+    # "top_k": 2}); None: dense. See docs/learn/13-cheaper-models.md.
+    experts: Experts | None = None
 
     def __post_init__(self) -> None:
+        require_experts(self)
         sizes = ("image_size", "patch_size", "num_channels", "d_model", "n_layers", "d_ff")
         require_positive(self, *sizes)
         advice = "choose a patch size that tiles the image exactly (e.g. 2 or 4 for 8x8 images)"
@@ -144,6 +156,7 @@ class ViT(QkvModel[ViTConfig]):
         spec = LayerSpec(
             d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
             activation=c.activation, norm_eps=c.norm_eps, norm_first=True, attn_impl=c.attn_impl,
+            experts=c.experts,
         )  # fmt: skip
         self.layers = nn.ModuleList(EncoderLayer(spec) for _ in range(c.n_layers))
         self.final_norm = LayerNorm(c.d_model, eps=c.norm_eps)
