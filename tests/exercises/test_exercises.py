@@ -22,6 +22,7 @@ from qkv.cli.main import main
 from qkv.exercises import EXERCISES, PAGES, check_path, get, page_of
 from qkv.exercises.grading import Report, grade
 from tests.exercises.test_exercises_later_pages import WRONG as WRONG_LATER_PAGES
+from tests.exercises.test_exercises_p13 import WRONG as WRONG_P13
 
 SOLUTIONS = Path(__file__).resolve().parent / "solutions"
 ROOT = Path(__file__).resolve().parents[2]
@@ -515,6 +516,7 @@ WRONG: list[tuple[str, Any, str]] = [
     ("10.3", rollout_reversed, "other order"),
     ("10.3", rollout_no_residual, "identity"),
     *WRONG_LATER_PAGES,  # pages 11, 12, 14 and 15
+    *WRONG_P13,  # page 13
 ]
 
 

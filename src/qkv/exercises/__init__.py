@@ -38,6 +38,7 @@ PAGE_MODULES = (
     "p10_looking_inside",
     "p11_loading_weights",
     "p12_fine_tuning",
+    "p13_cheaper_models",
     "p14_retrieval",
     "p15_build_a_gpt",
 )
