@@ -1,24 +1,25 @@
 """A mixture of experts against a dense model of the same active size, at equal wall-clock.
 
-    python benchmarks/moe.py                      three runs of 3 minutes on gpt-char's data
+    python benchmarks/moe.py                      three runs of 3 minutes of the gpt-char preset
     python benchmarks/moe.py --minutes 1          shorter (a busy machine: read the ratios)
-    python benchmarks/moe.py --figure docs/learn/img/13-expert-load.png
+    python benchmarks/moe.py --figure docs/learn/img/13-expert-load-gpt-char.png
                                                   also keep the MoE run's expert-load picture
 
-The runs share everything but the feed-forward layers: the LLaMA-style decoder of the
-``llama-char`` preset (D 256, 4 layers, RMSNorm, rotary positions) on gpt-char's corpus
-(python-docs, one token per character), the same optimizer, schedule and time budget:
+The runs are the ``gpt-char`` preset (GPT, D 128, 4 layers, python-docs one character a token,
+its optimizer, schedule and bfloat16 autocast where the CPU has it) with the same time budget;
+they differ in the feed-forward layers only:
 
-    dense       one SwiGLU of width 2F per layer
-    moe         4 SwiGLU experts of width F and a router, each token through its top 2
-                (Mixtral's routing): the same active parameters per token as dense
+    dense       gpt-char as it is: one feed-forward network of width 2F = 512 per layer
+    moe         4 experts of width F = 256 and a router in each layer (``model.experts``),
+                each token through its top 2 (Mixtral's routing): the same active parameters
+                per token as dense, twice the feed-forward parameters in all
     moe-cap1    the same with Switch's capacity factor 1.0: an expert takes at most an even
                 share of a batch's choices, the rest are dropped (counted in moe_dropped)
 
 Each row: parameters in all and active per token, steps and tokens per second within the
-budget, the validation loss at the end, and for the MoE runs the share of dropped choices and
-the largest share one expert took in the last step. Every run is one ``qkv train`` in a child
-process (its own threads and memory).
+budget, the validation loss at the end (the whole held-out split), and for the MoE runs the
+share of dropped choices and the largest share one expert took in the last step. Every run is
+one ``qkv train`` in a child process (its own threads and memory).
 """
 
 from __future__ import annotations
@@ -34,15 +35,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-F = 344  # each expert's width; the dense model's is 2F (= llama-char's 688)
-BASE = ["--preset", "llama-char", "--train.checkpoint_every", "0", "--train.eval_batches", "0"]
+F = 256  # each expert's width; the dense model's is 2F (gpt-char's 4 D = 512)
+BASE = ["--preset", "gpt-char", "--train.checkpoint_every", "0"]
+MOE = ["--model.d_ff", str(F), "--model.experts", "{n_experts: 4, top_k: 2}"]
 RUNS: dict[str, list[str]] = {
     "dense": ["--model.d_ff", str(2 * F)],
-    "moe": ["--model.family", "mixtral", "--model.d_ff", str(F), "--model.n_experts", "4",
-            "--model.top_k", "2"],
-    "moe-cap1": ["--model.family", "mixtral", "--model.d_ff", str(F), "--model.n_experts", "4",
-                 "--model.top_k", "2", "--model.capacity_factor", "1.0"],
-}  # fmt: skip
+    "moe": MOE,
+    "moe-cap1": [*MOE[:-1], "{n_experts: 4, top_k: 2, capacity_factor: 1.0}"],
+}
 
 
 def parameters(final_dir: Path) -> tuple[int, int]:
@@ -52,8 +52,8 @@ def parameters(final_dir: Path) -> tuple[int, int]:
     model = qkv.from_pretrained(final_dir)
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    c = model.config
-    unused = experts * (1 - c.top_k / c.n_experts) if hasattr(c, "n_experts") else 0
+    spec = model.config.experts
+    unused = experts * (1 - spec.top_k / spec.n_experts) if spec is not None else 0
     return total, round(total - unused)
 
 

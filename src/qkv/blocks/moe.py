@@ -176,6 +176,9 @@ def experts_loop(
 # --8<-- [end:experts_loop]
 
 
+GROUP_ALIGN = 64  # experts_sorted pads each expert's rows to a multiple of this
+
+
 # --8<-- [start:experts_sorted]
 def experts_sorted(
     x: Tensor, experts: nn.ModuleList, gates: Tensor, chosen: Tensor, capacity: int | None
@@ -185,7 +188,10 @@ def experts_sorted(
     The same computation as ``experts_loop``, reordered: one stable sort replaces the X
     selections (keeping the loop's order of service within each expert), one gather and one
     ``index_add_`` replace the X of each. The loop over experts remains (each has its own
-    weights); nothing loops over tokens.
+    weights); nothing loops over tokens. Each expert's slice is padded with zero rows to a
+    multiple of ``GROUP_ALIGN``: their outputs are never read, and the matrix products keep
+    sizes the CPU's bfloat16 kernels run fast (about 1.8x faster training steps of a small
+    GPT with experts under bfloat16 autocast, ``benchmarks/moe.py``).
     """
     n, k = chosen.shape
     flat = chosen.T.reshape(-1)  # (k N,), choice i = rank * N + token, as the loop serves them
@@ -194,11 +200,14 @@ def experts_sorted(
     starts = counts.cumsum(0) - counts  # (X,) where each expert's run begins
     place = torch.arange(k * n, device=x.device) - starts[flat[order]]  # (k N,) place in queue
     if capacity is not None:
-        order = order[place < capacity]  # (M,) over capacity: dropped
-        counts = counts.clamp(max=capacity)  # (X,)
+        kept = place < capacity  # over capacity: dropped
+        order, place, counts = order[kept], place[kept], counts.clamp(max=capacity)  # (M,)
     rank, token = order // n, order % n  # (M,) each
-    slices = x[token].split(counts.tolist())  # X slices (n_e, D), one per expert
-    y = torch.cat([expert(s) for expert, s in zip(experts, slices, strict=True)])  # (M, D)
+    padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN  # (X,) rows per expert
+    row = (padded.cumsum(0) - padded)[flat[order]] + place  # (M,) each choice's row
+    groups = x.new_zeros(int(padded.sum()), x.shape[-1]).index_copy_(0, row, x[token])
+    slices = groups.split(padded.tolist())  # X slices (padded n_e, D), one per expert
+    y = torch.cat([expert(s) for expert, s in zip(experts, slices, strict=True)])[row]  # (M, D)
     weighted = y.to(x.dtype) * gates[token, rank, None].to(x.dtype)  # (M, D), in x's dtype
     out = torch.zeros_like(x).index_add_(0, token, weighted)  # (N, D)
     served = torch.zeros(k * n, dtype=torch.bool, device=x.device)  # (k N,)
