@@ -351,6 +351,28 @@ def _image_01(pixels: Tensor) -> np.ndarray:
     return x[:3].permute(1, 2, 0).numpy()  # (I, I, 3)
 
 
+def _given_inputs(
+    input_ids: Tensor | None, attention_mask: Tensor | None, decoder_input_ids: Tensor | None,
+    decoder_attention_mask: Tensor | None, pixel_values: Tensor | None, example: int,
+) -> dict[str, Tensor]:  # fmt: skip
+    """The inputs that were given, by the forward's names, checked: text or images, and a row
+    ``example`` that the batch has."""
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "decoder_input_ids": decoder_input_ids,
+        "decoder_attention_mask": decoder_attention_mask,
+        "pixel_values": pixel_values,
+    }
+    given = {k: v for k, v in inputs.items() if v is not None}
+    first = next(iter(given.values()), None)
+    if first is None or (input_ids is None and pixel_values is None):
+        raise ValueError("pass input_ids (text) or pixel_values (images) to capture attention")
+    if not 0 <= example < first.shape[0]:
+        raise ValueError(f"example={example} is not in the batch of {first.shape[0]}")
+    return given
+
+
 # --8<-- [start:capture]
 def capture_attention(
     model: nn.Module,
@@ -400,32 +422,17 @@ def capture_attention(
         >>> captured["self"].weights.shape  # (L, H, T, S)
         torch.Size([2, 2, 3, 3])
     """
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "decoder_input_ids": decoder_input_ids,
-        "decoder_attention_mask": decoder_attention_mask,
-        "pixel_values": pixel_values,
-    }
-    given = {k: v for k, v in inputs.items() if v is not None}
-    first = next(iter(given.values()), None)
-    if first is None or (input_ids is None and pixel_values is None):
-        raise ValueError("pass input_ids (text) or pixel_values (images) to capture attention")
-    if not 0 <= example < first.shape[0]:
-        raise ValueError(f"example={example} is not in the batch of {first.shape[0]}")
+    given = _given_inputs(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                          pixel_values, example)  # fmt: skip
+    first = next(iter(given.values()))
     recording = record_attention(model, layers=layers, check=check, **given)
     # The real (not padding) positions of this example, and their strings.
-    n_src = (
-        first.shape[1] if pixel_values is None else next(iter(recording.weights.values())).shape[-1]
-    )
+    any_weights = next(iter(recording.weights.values()))  # its last axis: the keys
+    n_src = first.shape[1] if pixel_values is None else any_weights.shape[-1]
     src_real = _real(attention_mask, example, n_src)  # (T_real,)
     grid = picture = None
-    if pixel_values is not None:
-        side = math.isqrt(n_src - 1)  # square images: [CLS] and side x side patches
-        grid = (side, side)
-        picture = image if image is not None else _image_01(pixel_values[example])
-        patches = ["[CLS]"] + [f"{r},{c}" for r in range(side) for c in range(side)]
-        src_tokens = list(tokens) if tokens is not None else patches
+    if pixel_values is not None:  # square images: [CLS] and side x side patches
+        grid, picture, src_tokens = _patches(n_src, pixel_values[example], image, tokens)
     else:
         assert input_ids is not None
         src_tokens = _tokens(tokens, input_ids[example], src_real)
@@ -447,6 +454,17 @@ def capture_attention(
         for kind, w in recording.weights.items()
     }
     return CapturedAttention(maps=maps, max_error=recording.max_error)
+
+
+def _patches(
+    n_src: int, pixels: Tensor, image: np.ndarray | None, tokens: Sequence[str] | None
+) -> tuple[tuple[int, int], np.ndarray, list[str]]:
+    """A ViT's source: its patch grid, the picture to show and the names of [CLS] and the
+    patches ("row,column"), from the number of positions N = 1 + side x side."""
+    side = math.isqrt(n_src - 1)
+    picture = image if image is not None else _image_01(pixels)
+    patches = ["[CLS]"] + [f"{r},{c}" for r in range(side) for c in range(side)]
+    return (side, side), picture, list(tokens) if tokens is not None else patches
 
 
 # (query positions, query strings, key positions, key strings) of one kind of attention
