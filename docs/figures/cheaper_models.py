@@ -179,8 +179,6 @@ def draw_expert_load(path: Path) -> Path:
     )
     fig.set_size_inches(8.2, 3.6)
     fig.axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
-    top = fig.axes[1].get_ylim()[1]
-    fig.axes[1].set_ylim(0.0, top)  # the colour scale is centred on 1/X; no share is below 0
     fig.savefig(path, dpi=110)
     return path
 

@@ -30,6 +30,9 @@ def test_writes_a_png_from_a_models_router_stats(tmp_path: Path) -> None:
     assert isinstance(fig, Figure) and fig.axes[0].get_xlabel() == "expert"
     check_png(path, min_width=150, min_height=100)
     assert [p.name for p in tmp_path.iterdir()] == ["load.png"]  # no temporary file left over
+    collapsed = plot_expert_load([[14, 2, 2, 2], [5, 5, 5, 5]])  # 0.7 against an even 0.25
+    low, high = collapsed.axes[1].get_ylim()  # the colour bar: from share 0, not below
+    assert low == 0.0 and high == pytest.approx(0.7)
     plot_expert_load(np.ones((3, 40)), path=tmp_path / "wide.png")  # no cell text when wide
     assert (tmp_path / "wide.png").is_file()
 

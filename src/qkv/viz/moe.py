@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -72,12 +73,15 @@ def plot_expert_load(
     share = expert_load_share(counts)  # (L, X)
     n_layers, n_experts = share.shape
     even = 1.0 / n_experts
-    spread = max(float(np.abs(share - even).max()), 1e-9)  # symmetric range around 1 / X
+    spread = max(float(np.abs(share - even).max()), 1e-9)  # the farthest share from 1 / X
+    # White at 1 / X, the same distance either way, but no share is below 0: the colour bar
+    # stops there (each side of the centre has its own scale).
+    norm = TwoSlopeNorm(vcenter=even, vmin=max(even - spread, 0.0), vmax=even + spread)
     fig = Figure(
         figsize=(0.5 * n_experts + 2.5, 0.4 * n_layers + 1.4), dpi=DPI, layout="constrained"
     )
     ax = fig.add_subplot()
-    image = ax.imshow(share, cmap="RdBu_r", vmin=even - spread, vmax=even + spread, aspect="auto")
+    image = ax.imshow(share, cmap="RdBu_r", norm=norm, aspect="auto")
     if annotate if annotate is not None else n_layers <= 16 and n_experts <= 16:
         for i, e in np.ndindex(*share.shape):
             ax.text(e, i, f"{share[i, e]:.2f}", ha="center", va="center", fontsize=7)
