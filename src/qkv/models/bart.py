@@ -44,14 +44,7 @@ from torch import Tensor, nn
 
 from qkv.blocks import ActivationName, DecoderLayer, EncoderLayer, LayerSpec
 from qkv.blocks.moe import Experts
-from qkv.models.checks import (
-    require_activation,
-    require_divisible,
-    require_experts,
-    require_positive,
-    require_rate,
-    require_token_ids,
-)
+from qkv.models import checks
 from qkv.models.common import default_position_ids
 from qkv.models.lm import DecoderContext, EncoderDecoderLM, decoder_stack, encoder_stack
 from qkv.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
@@ -90,19 +83,19 @@ class BartConfig:
     experts: Experts | None = None
 
     def __post_init__(self) -> None:
-        require_experts(self)
+        checks.require_experts(self)
         sizes = ("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff")
-        require_positive(self, *sizes, "max_seq_len")
+        checks.require_positive(self, *sizes, "max_seq_len")
         advice = "each head gets d_model / n_heads dimensions"
-        require_divisible(self, "d_model", "n_heads", advice=advice)
+        checks.require_divisible(self, "d_model", "n_heads", advice=advice)
         if self.positions not in ("learned", "sinusoidal"):
             raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
         if self.positions == "sinusoidal" and self.d_model % 2:
             raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
-        require_activation(self)
-        require_rate(self, "dropout", "attention_dropout", "activation_dropout")
+        checks.require_activation(self)
+        checks.require_rate(self, "dropout", "attention_dropout", "activation_dropout")
         tokens = ("pad_token_id", "eos_token_id", "decoder_start_token_id", "bos_token_id")
-        require_token_ids(self, *tokens, vocab_size=self.vocab_size)
+        checks.require_token_ids(self, *tokens, vocab_size=self.vocab_size)
 
 
 # Counts are Hugging Face's num_parameters() for the matching config (tied tensors once).

@@ -47,8 +47,8 @@ from qkv.blocks.block import EncoderLayer, LayerSpec
 from qkv.blocks.mlp import ActivationName, get_activation
 from qkv.blocks.moe import Experts
 from qkv.blocks.norms import LayerNorm
+from qkv.models import checks
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.checks import require_divisible, require_experts, require_positive, require_rate
 from qkv.models.common import IGNORE_INDEX, recording_attentions
 from qkv.models.lm import encoder_stack
 from qkv.positional.learned import LearnedPositionalEmbedding
@@ -92,11 +92,11 @@ class BertConfig:
     experts: Experts | None = None
 
     def __post_init__(self) -> None:
-        require_experts(self)
+        checks.require_experts(self)
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
-        require_positive(self, *sizes, "type_vocab_size", "num_labels", must_be="at least 1")
-        require_divisible(self, "d_model", "n_heads")
-        require_rate(self, "dropout")
+        checks.require_positive(self, *sizes, "type_vocab_size", "num_labels", must_be="at least 1")
+        checks.require_divisible(self, "d_model", "n_heads")
+        checks.require_rate(self, "dropout")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id} is not in [0, {self.vocab_size})")
         if self.head not in ("none", "mlm", "classification"):

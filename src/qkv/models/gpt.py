@@ -44,15 +44,8 @@ from qkv.blocks.block import DecoderLayer, LayerSpec
 from qkv.blocks.mlp import ActivationName
 from qkv.blocks.moe import Experts
 from qkv.blocks.norms import LayerNorm
+from qkv.models import checks
 from qkv.models.base import ModelOutput
-from qkv.models.checks import (
-    require_activation,
-    require_divisible,
-    require_experts,
-    require_positive,
-    require_rate,
-    require_token_ids,
-)
 from qkv.models.common import init_gpt2_
 from qkv.models.lm import DecoderLM
 from qkv.positional.learned import LearnedPositionalEmbedding
@@ -86,19 +79,19 @@ class GPTConfig:
     experts: Experts | None = None
 
     def __post_init__(self) -> None:
-        require_experts(self)
+        checks.require_experts(self)
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
-        require_positive(self, *sizes, must_be="a positive integer")
+        checks.require_positive(self, *sizes, must_be="a positive integer")
         tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
-        require_token_ids(self, *tokens, vocab_size=self.vocab_size)
+        checks.require_token_ids(self, *tokens, vocab_size=self.vocab_size)
         advice = "each head gets d_model / n_heads features, so change one of them"
-        require_divisible(self, "d_model", "n_heads", advice=advice)
+        checks.require_divisible(self, "d_model", "n_heads", advice=advice)
         if self.d_ff is not None and self.d_ff < 1:
             raise ValueError(f"d_ff must be positive (or None for 4 * d_model), got {self.d_ff}")
-        require_rate(self, "dropout")
+        checks.require_rate(self, "dropout")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        require_activation(self)
+        checks.require_activation(self)
 
     @property
     def ff_width(self) -> int:

@@ -41,14 +41,8 @@ from qkv.attention.kv_cache import KVCache
 from qkv.blocks.block import DecoderLayer, LayerSpec
 from qkv.blocks.moe import Experts
 from qkv.blocks.norms import RMSNorm
+from qkv.models import checks
 from qkv.models.base import ModelOutput
-from qkv.models.checks import (
-    require_divisible,
-    require_experts,
-    require_positive,
-    require_rate,
-    require_token_ids,
-)
 from qkv.models.common import init_normal_
 from qkv.models.lm import DecoderLM
 from qkv.positional.rope import RotaryEmbedding
@@ -101,20 +95,20 @@ class LlamaConfig:
     experts: Experts | None = None
 
     def __post_init__(self) -> None:
-        require_experts(self)
+        checks.require_experts(self)
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
-        require_positive(self, *sizes, "max_seq_len")
+        checks.require_positive(self, *sizes, "max_seq_len")
         tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
-        require_token_ids(self, *tokens, vocab_size=self.vocab_size)
+        checks.require_token_ids(self, *tokens, vocab_size=self.vocab_size)
         advice = "change one so that each head gets d_model / n_heads dimensions"
-        require_divisible(self, "d_model", "n_heads", advice=advice)
+        checks.require_divisible(self, "d_model", "n_heads", advice=advice)
         if self.head_dim % 2:
             raise ValueError(
                 f"head_dim = d_model / n_heads = {self.head_dim} must be even: RoPE rotates "
                 "pairs of dimensions"
             )
         advice = "each key/value head must serve the same number of query heads"
-        require_divisible(self, "n_heads", "n_kv_heads", advice=advice)
+        checks.require_divisible(self, "n_heads", "n_kv_heads", advice=advice)
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(
                 f"sliding_window must be None (attend to all) or at least 1, "
@@ -124,7 +118,7 @@ class LlamaConfig:
             raise ValueError(
                 f"norm_eps must be > 0 and rope_base > 1, got {self.norm_eps}, {self.rope_base}"
             )
-        require_rate(self, "dropout")
+        checks.require_rate(self, "dropout")
 
     @property
     def head_dim(self) -> int:

@@ -43,8 +43,8 @@ from torch import Tensor
 
 from qkv.attention.kv_cache import KVCache
 from qkv.blocks.moe import MixtureOfExperts, MoEImpl, MoEStats, load_balancing_loss, router_z_loss
+from qkv.models import checks
 from qkv.models.base import ModelOutput
-from qkv.models.checks import require_positive
 from qkv.models.common import causal_lm_loss
 from qkv.models.llama import Llama, LlamaConfig
 
@@ -81,7 +81,7 @@ class MixtralConfig(LlamaConfig):
                 "experts: Mixtral's feed-forward networks are already mixtures of experts, set "
                 "by n_experts, top_k and capacity_factor; leave experts unset"
             )
-        require_positive(self, "n_experts", "top_k")
+        checks.require_positive(self, "n_experts", "top_k")
         if self.top_k > self.n_experts:
             raise ValueError(
                 f"top_k={self.top_k} exceeds n_experts={self.n_experts}: each token picks "

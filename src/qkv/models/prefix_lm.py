@@ -41,15 +41,8 @@ from qkv.attention import masks
 from qkv.attention.kv_cache import KVCache
 from qkv.blocks import ActivationName, DecoderLayer, LayerNorm, LayerSpec
 from qkv.blocks.moe import Experts
+from qkv.models import checks
 from qkv.models.base import ModelOutput
-from qkv.models.checks import (
-    require_activation,
-    require_divisible,
-    require_experts,
-    require_positive,
-    require_rate,
-    require_token_ids,
-)
 from qkv.models.common import IGNORE_INDEX, causal_lm_loss, init_normal_
 from qkv.models.lm import DecoderLM
 from qkv.positional import LearnedPositionalEmbedding
@@ -82,13 +75,13 @@ class PrefixLMConfig:
     experts: Experts | None = None
 
     def __post_init__(self) -> None:
-        require_experts(self)
-        require_positive(self, "vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len")
+        checks.require_experts(self)
+        checks.require_positive(self, "vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len")
         tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
-        require_token_ids(self, *tokens, vocab_size=self.vocab_size)
-        require_divisible(self, "d_model", "n_heads")
-        require_rate(self, "dropout")
-        require_activation(self)
+        checks.require_token_ids(self, *tokens, vocab_size=self.vocab_size)
+        checks.require_divisible(self, "d_model", "n_heads")
+        checks.require_rate(self, "dropout")
+        checks.require_activation(self)
 
 
 PRESETS: dict[str, PrefixLMConfig] = {

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks import DecoderLayer, EncoderLayer, LayerSpec, RMSNorm
 from qkv.blocks.moe import Experts
-from qkv.models.checks import require_experts, require_positive
+from qkv.models import checks
 from qkv.models.lm import DecoderContext, EncoderDecoderLM, decoder_stack, encoder_stack
 from qkv.positional import T5RelativeBias
 
@@ -71,9 +71,9 @@ class T5Config:
     experts: Experts | None = None
 
     def __post_init__(self) -> None:
-        require_experts(self)
+        checks.require_experts(self)
         sizes = ("vocab_size", "d_model", "d_kv", "d_ff", "n_layers", "n_heads")
-        require_positive(self, *sizes, must_be="a positive integer")
+        checks.require_positive(self, *sizes, must_be="a positive integer")
         if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
             raise ValueError(f"n_decoder_layers must be >= 1 or None, got {self.n_decoder_layers}")
         if self.feed_forward not in ("relu", "gated-gelu"):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from qkv.blocks import DecoderLayer, EncoderLayer, LayerSpec
 from qkv.blocks.moe import Experts
-from qkv.models.checks import require_divisible, require_experts, require_positive, require_rate
+from qkv.models import checks
 from qkv.models.common import default_position_ids, seq2seq_loss
 from qkv.models.lm import DecoderContext, EncoderDecoderLM, decoder_stack, encoder_stack
 from qkv.positional import SinusoidalPositionalEncoding
@@ -67,8 +67,8 @@ class TransformerConfig:
     experts: Experts | None = None
 
     def __post_init__(self) -> None:
-        require_experts(self)
-        require_positive(
+        checks.require_experts(self)
+        checks.require_positive(
             self, "src_vocab_size", "tgt_vocab_size", "n_encoder_layers", "n_decoder_layers"
         )
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
@@ -77,10 +77,10 @@ class TransformerConfig:
                 f"{self.src_vocab_size} and tgt_vocab_size={self.tgt_vocab_size}; make them "
                 "equal or set share_embeddings=False"
             )
-        require_divisible(self, "d_model", "n_heads")
+        checks.require_divisible(self, "d_model", "n_heads")
         if self.d_model % 2:
             raise ValueError(f"d_model={self.d_model} must be even for sinusoidal positions")
-        require_rate(self, "dropout", "label_smoothing")
+        checks.require_rate(self, "dropout", "label_smoothing")
         for name in ("pad_token_id", "decoder_start_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.tgt_vocab_size:
                 raise ValueError(

@@ -50,8 +50,8 @@ from qkv.attention.variants.xl_relative import XLRelativeAttention
 from qkv.blocks.block import residual_sublayer
 from qkv.blocks.mlp import ActivationName, FeedForward
 from qkv.blocks.norms import LayerNorm
+from qkv.models import checks
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.checks import require_activation, require_divisible, require_positive, require_rate
 from qkv.models.common import causal_lm_loss, init_gpt2_
 
 __all__ = [
@@ -81,19 +81,19 @@ class TransformerXLConfig:
     attn_impl: str = "auto"  # see qkv.scaled_dot_product_attention
 
     def __post_init__(self) -> None:
-        require_positive(self, "vocab_size", "d_model", "n_layers", "n_heads")
+        checks.require_positive(self, "vocab_size", "d_model", "n_layers", "n_heads")
         advice = "each head gets d_model / n_heads features, so change one of them"
-        require_divisible(self, "d_model", "n_heads", advice=advice)
+        checks.require_divisible(self, "d_model", "n_heads", advice=advice)
         if self.d_model % 2:
             raise ValueError(f"d_model={self.d_model} must be even: R has a sin and a cos per pair")
         if self.d_ff is not None and self.d_ff < 1:
             raise ValueError(f"d_ff must be positive (or None for 4 * d_model), got {self.d_ff}")
         if self.mem_len < 0:
             raise ValueError(f"mem_len must be >= 0 (0: no memory), got {self.mem_len}")
-        require_rate(self, "dropout")
+        checks.require_rate(self, "dropout")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        require_activation(self)
+        checks.require_activation(self)
 
     @property
     def ff_width(self) -> int:

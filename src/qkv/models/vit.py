@@ -32,14 +32,8 @@ from torch.nn import functional as F
 
 from qkv.blocks import ActivationName, EncoderLayer, LayerNorm, LayerSpec
 from qkv.blocks.moe import Experts
+from qkv.models import checks
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.checks import (
-    require_activation,
-    require_divisible,
-    require_experts,
-    require_positive,
-    require_rate,
-)
 from qkv.models.common import IGNORE_INDEX, recording_attentions
 from qkv.models.lm import encoder_stack
 from qkv.positional import LearnedPositionalEmbedding
@@ -71,12 +65,12 @@ class ViTConfig:
     experts: Experts | None = None
 
     def __post_init__(self) -> None:
-        require_experts(self)
+        checks.require_experts(self)
         sizes = ("image_size", "patch_size", "num_channels", "d_model", "n_layers", "d_ff")
-        require_positive(self, *sizes)
+        checks.require_positive(self, *sizes)
         advice = "choose a patch size that tiles the image exactly (e.g. 2 or 4 for 8x8 images)"
-        require_divisible(self, "image_size", "patch_size", advice=advice)
-        require_divisible(self, "d_model", "n_heads", advice="change one of them")
+        checks.require_divisible(self, "image_size", "patch_size", advice=advice)
+        checks.require_divisible(self, "d_model", "n_heads", advice="change one of them")
         if self.num_labels < 0:
             raise ValueError(f"num_labels must be >= 0 (0 = no head), got {self.num_labels}")
         if self.pooler and self.num_labels:
@@ -84,8 +78,8 @@ class ViTConfig:
                 "pooler=True is for a backbone (num_labels=0), as in Hugging Face's ViTModel; "
                 "the classifier reads the class token directly, so set pooler=False"
             )
-        require_rate(self, "dropout")
-        require_activation(self)
+        checks.require_rate(self, "dropout")
+        checks.require_activation(self)
 
     @property
     def num_patches(self) -> int:
