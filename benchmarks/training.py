@@ -17,6 +17,7 @@ machine falls on both. See ``against_nanogpt`` for what is counted.
                                   [--device cpu|cuda]
     python benchmarks/training.py --against nanogpt --nanogpt-dir ../shared/peers/nanogpt
                                   [--steps 10] [--device cpu|cuda] [--threads 0]
+                                  [--own-optimizers] [--compile]
     python benchmarks/training.py --gpt-char [--max-time 3m]   the gpt-char preset's val loss
     python benchmarks/training.py --trainer [--trainer-steps 40] [--tiny] [--device cpu|cuda]
                                   [--threads 0] [--cache-dir DIR]
@@ -46,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -427,6 +428,8 @@ def against_nanogpt(args: argparse.Namespace, device: torch.device) -> None:
     """
     nanogpt = load_nanogpt(args.nanogpt_dir)
     shapes = CPU_SHAPES + (CUDA_SHAPES if device.type == "cuda" else ())
+    if args.compile:  # the CPU shapes once more, both models torch.compiled
+        shapes += tuple(replace(s, name=f"{s.name}, compiled", compile=True) for s in CPU_SHAPES)
     peaks: dict[torch.dtype, float] = {}
     n = matmul_size(device)
     for dtype in sorted({torch.bfloat16 if s.bf16 else torch.float32 for s in shapes}, key=str):
@@ -481,9 +484,13 @@ def against_nanogpt(args: argparse.Namespace, device: torch.device) -> None:
         for i in range(steps):
             for c in pair if i % 2 == 0 else pair[::-1]:
                 c.times.append(c.step(batches[warmup + i], shape, device))
-        if device.type == "cpu":
+        if device.type == "cpu":  # the footprint process trains eagerly: no row for compiled
             for c in pair:
-                c.memory = cpu_footprint(c.name.lower(), shape, args.nanogpt_dir, args.threads)
+                c.memory = (
+                    "see eager"
+                    if shape.compile
+                    else cpu_footprint(c.name.lower(), shape, args.nanogpt_dir, args.threads)
+                )
         ratios = [t / o for o, t in zip(pair[0].times, pair[1].times, strict=True)]
         peak = peaks[torch.bfloat16 if shape.bf16 else torch.float32]
         rates = [shape.batch * shape.seq_len / statistics.median(c.times) for c in pair]
@@ -854,6 +861,11 @@ def main() -> None:
         "--own-optimizers",
         action="store_true",
         help="with --against: each library's own AdamW, not one for both",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --against: also time the CPU shapes with both models torch.compiled",
     )
     parser.add_argument("--gpt-char", action="store_true", help="run the gpt-char preset")
     parser.add_argument("--max-time", default="3m", help="gpt-char's budget")
