@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qkv
+from qkv.models.gpt import GPTConfig
 from qkv.train import config_from_dict, list_presets, load_preset, merge_overrides, train
 
 # Overrides that shrink each preset to a toy (the fields differ by family).
@@ -19,6 +20,8 @@ TOY: dict[str, dict[str, Any]] = {
                    "model.n_kv_heads": 1, "model.d_ff": 64},
     "gpt-code": {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
                  "data.max_bytes": 40000, "data.vocab_size": 300},
+    "gpt2-code": {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
+                  "data.max_bytes": 40000, "data.vocab_size": 300, "train.device": "cpu"},
     "bert-mlm": {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
                  "model.d_ff": 64, "data.max_bytes": 60000, "data.vocab_size": 300},
     "transformer-dates": {"model.d_model": 32, "model.n_encoder_layers": 1,
@@ -79,3 +82,25 @@ def test_the_newer_families_train_and_evaluate(
     result = train(config, tmp_path / "run", cache_dir=cache_dir)
     assert result.steps == 2 and math.isfinite(result.metrics["val_loss"])
     assert qkv.from_pretrained(result.final_dir).family == family
+
+
+def test_gpt2_code_is_gpt2_small_shaped_and_asks_for_a_gpu() -> None:
+    config = config_from_dict(load_preset("gpt2-code"))
+    options = config.model.options
+    assert (options["n_layers"], options["n_heads"], options["d_model"]) == (12, 12, 768)
+    assert config.data.seq_len == 1024 and config.data.tokenizer == "bpe"
+    with torch.device("meta"):  # the full size, without allocating its weights
+        model = qkv.GPT(GPTConfig(**options, vocab_size=config.data.vocab_size,
+                                  max_seq_len=config.data.seq_len))  # fmt: skip
+    embeddings = model.tok_emb.weight.numel() + model.pos_emb.emb.weight.numel()
+    n = sum(p.numel() for p in model.parameters())
+    assert n - embeddings == 85_056_000  # GPT-2 small's 12 layers of width 768
+    assert config.train.device == "cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without GPU")
+def test_gpt2_code_without_a_gpu_says_how_to_run_on_the_cpu(tmp_path: Path) -> None:
+    overrides = {**COMMON, **TOY["gpt2-code"], "train.device": "cuda", "data.seq_len": 24}
+    config = config_from_dict(merge_overrides(load_preset("gpt2-code"), overrides))
+    with pytest.raises(ValueError, match=r"no CUDA GPU is visible.*--device cpu"):
+        train(config, tmp_path / "run", cache_dir=tmp_path / "cache")

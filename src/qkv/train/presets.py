@@ -5,6 +5,7 @@ the dataclasses' defaults, and ``--section.key value`` overrides any of it::
 
     gpt-char            GPT, characters of Python's documentation (the main job, 3 minutes)
     gpt-code            GPT, byte-level BPE on Python's standard library sources
+    gpt2-code           GPT-2 small's shape on the same sources: the preset for a GPU
     llama-char          LLaMA-style decoder on the same characters as gpt-char
     bert-mlm            BERT masked-LM pre-training, WordPiece on Python's documentation
     transformer-dates   the 2017 encoder-decoder rewriting dates as ISO dates
