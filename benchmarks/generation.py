@@ -8,9 +8,14 @@ speed-up with transformers as the baseline in the same run, and the weight bandw
 implies (every weight is read once per token: bytes of weights x tokens/s). The two libraries
 take turns within each repeat, so a load spike on a shared machine hits both.
 
-    python benchmarks/generation.py [--new-tokens 256] [--repeat 3] [--threads N]
-                                    [--dtypes float32,bfloat16] [--clock wall|cpu]
-                                    [--families gpt2,llama]
+On a GPU (``--device cuda``) both models and the prompt live on it, and every timed call ends in
+``torch.cuda.synchronize()`` (CUDA runs asynchronously) before the clock is read; ``--threads``,
+``--clock cpu`` and ``--layouts`` concern the CPU and are refused there.
+
+    python benchmarks/generation.py [--device cpu|cuda] [--new-tokens 256] [--repeat 3]
+                                    [--threads N] [--dtypes float32,bfloat16]
+                                    [--clock wall|cpu] [--families gpt2,llama]
+    python benchmarks/generation.py --device cuda --new-tokens 64 --repeat 2   (benchmarks/gpu.sh)
     python benchmarks/generation.py --layouts    (matrix-vector kernels and weight layouts)
 """
 
@@ -69,12 +74,21 @@ def build_hf(family: str, size: dict[str, int]) -> torch.nn.Module:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed(fn: Callable[[], object], clock: str) -> float:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a clock reads it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], clock: str, device: str = "cpu") -> float:
     """Seconds of one call of ``fn()`` on ``clock``: wall time, or this process's CPU time
-    (with one thread, the time it actually ran: robust to other jobs on a shared machine)."""
+    (with one thread, the time it actually ran: robust to other jobs on a shared machine).
+    On ``device`` cuda, the queued work is waited for before each reading of the clock."""
     now = CLOCKS[clock]
+    sync(device)
     start = now()
     fn()
+    sync(device)
     return now() - start
 
 
@@ -94,9 +108,10 @@ def measure(
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = qkv.from_pretrained(tmp)
-    hf, ours = hf.to(dtype), ours.to(dtype)
-    prompt = torch.randint(0, size["vocab_size"], (1, args.prompt_len))
-    mask = torch.ones_like(prompt)
+    hf, ours = hf.to(args.device, dtype), ours.to(args.device, dtype)
+    # Drawn on the CPU and then moved: the same prompt on every device.
+    prompt = torch.randint(0, size["vocab_size"], (1, args.prompt_len)).to(args.device)  # (B, T)
+    mask = torch.ones_like(prompt)  # (B, T)
     n = args.new_tokens
 
     def run_hf(k: int) -> torch.Tensor:
@@ -117,15 +132,15 @@ def measure(
     firsts: dict[str, list[float]] = {library: [] for library in runs}
     for _ in range(args.repeat):  # the libraries take turns: a load spike hits both
         for library, run in runs.items():
-            totals[library].append(timed(lambda run=run: run(n), args.clock))
-            firsts[library].append(timed(lambda run=run: run(1), args.clock))
+            totals[library].append(timed(lambda run=run: run(n), args.clock, args.device))
+            firsts[library].append(timed(lambda run=run: run(1), args.clock, args.device))
     nbytes = weight_bytes(ours)
     base = n / min(totals["transformers"])
     for library in runs:
         tps, ttft = n / min(totals[library]), min(firsts[library]) * 1e3
         print(
-            f"{name:<32} {str(dtype)[6:]:<9} {library:<13} {tps:>9.1f} {ttft:>15.1f} "
-            f"{tps / base:>8.2f}x {nbytes * tps / 1e9:>8.1f}"
+            f"{name:<32} {str(dtype)[6:]:<9} {args.device:<6} {library:<13} {tps:>9.1f} "
+            f"{ttft:>15.1f} {tps / base:>8.2f}x {nbytes * tps / 1e9:>8.1f}"
         )
     print(f"{'':<32} same greedy ids for 32 tokens: {same}")
 
@@ -179,10 +194,15 @@ def layouts(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where both libraries run"
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (--device cpu only; default: torch's count)"
+    )
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
     parser.add_argument("--families", default="gpt2", help=f"comma-separated, of {sorted(SIZES)}")
     parser.add_argument(
@@ -194,22 +214,38 @@ def main() -> None:
     )
     args = parser.parse_args()
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
-    torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                "--device cuda: torch.cuda.is_available() is False (no CUDA GPU, or a CPU-only "
+                "torch build); use --device cpu"
+            )
+        cpu_only = {"--threads": args.threads is not None, "--clock cpu": args.clock == "cpu",
+                    "--layouts": args.layouts}  # fmt: skip
+        given = [flag for flag, used in cpu_only.items() if used]
+        if given:
+            parser.error(f"{', '.join(given)}: CPU-only options; leave them out with --device cuda")
+        gpu = torch.cuda.get_device_name()
+        machine = f"{platform.machine()}, GPU {gpu}, CUDA {torch.version.cuda}"
+    else:
+        if args.threads is None:
+            args.threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        machine = f"{platform.machine()}, {args.threads} threads"
 
     import transformers
 
     print(
         f"qkv {qkv.__version__}, transformers {transformers.__version__}, torch "
-        f"{torch.__version__}, {platform.machine()}, {args.threads} threads, batch 1, "
-        f"greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeat}, "
-        f"{args.clock} clock"
+        f"{torch.__version__}, {machine}, batch 1, greedy, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, best of {args.repeat}, {args.clock} clock"
     )
     if args.layouts:
         layouts(args)
         return
     header = (
-        f"{'model':<32} {'dtype':<9} {'library':<13} {'tokens/s':>9} {'first token ms':>15} "
-        f"{'speed-up':>9} {'GB/s':>8}"
+        f"{'model':<32} {'dtype':<9} {'device':<6} {'library':<13} {'tokens/s':>9} "
+        f"{'first token ms':>15} {'speed-up':>9} {'GB/s':>8}"
     )
     print(header)
     print("-" * len(header))

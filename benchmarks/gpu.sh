@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run on a machine with a CUDA GPU (no network needed):
+# The GPU checks, in one run on a machine with a CUDA GPU (no network needed), most wanted first:
 #
-#   1. env        nvidia-smi, Python, torch, CUDA and `python -m qkv env` (printed, and saved)
-#   2. gpu-tests  pytest -m gpu: the tests marked gpu (flat decoding step, training, capture,
-#                 fused attention kernels), on CUDA
-#   3. suite      the whole suite, `python -m pytest -n 8 --doctest-modules src/qkv tests`
-#   4. bench-*    the benchmarks that run on the GPU (and training.py's CPU baseline)
+#   1. env              nvidia-smi, Python, torch, CUDA and `python -m qkv env` (printed, saved)
+#   2. gpu-tests        pytest -m gpu: the tests marked gpu (flat decoding step, training,
+#                       capture, fused attention kernels), on CUDA
+#   3. bench-nanogpt    benchmarks/training.py --against nanogpt: GPT-2 small in bf16, eager and
+#                       compiled, side by side with nanoGPT (when its model.py is at hand)
+#   4. demo             `qkv train --preset gpt-char` on the GPU for 45 s (make demo's job)
+#   5. gpt2-code        `qkv train --preset gpt2-code` for 60 s: loss and tokens/s of the GPU
+#                       preset (run folders under LOGDIR/runs, metrics.csv included)
+#   6. bench-*          attention.py (bfloat16: SDPA, tiled, Triton, block-sparse), training.py's
+#                       throughput, generation.py (against transformers' generate),
+#                       checkpointing.py
+#   7. suite            the whole suite, `python -m pytest -n 8 --doctest-modules src/qkv tests`,
+#                       with what is left of the budget
 #
 # Usage:
 #   benchmarks/gpu.sh LOGDIR                         on the GPU machine, from anywhere
@@ -16,13 +24,12 @@
 # the others. The end prints a table of step, exit code, seconds and log (LOGDIR/summary.txt),
 # and the script exits 1 if any step failed (a timeout is exit code 124 or 137).
 #
-# Budget, under 6 minutes in all (QKV_GPU_SH_BUDGET seconds, 345 by default, caps the sum; the
-# last steps get what is left): 20 s env + 60 s gpu tests, 120 s suite, then the benchmarks:
-# 30 s training.py, 90 s against nanoGPT (when its model.py is at hand), 30 s training.py on
-# the GPU, 60 s attention.py (bfloat16: SDPA, tiled, Triton, block-sparse), and 20 s
-# generation.py once it takes --device (today it does
-# not, and its row says "skipped"), 60 s checkpointing.py (eager, activation checkpointing,
-# torch.compile, both).
+# Budget, 8 minutes in all (QKV_GPU_SH_BUDGET seconds, 480 by default, caps the sum; each step
+# gets at most what is left): 20 s env, 60 s gpu tests, 150 s against nanoGPT (two compiles of
+# GPT-2 small), 60 s demo, 90 s gpt2-code (its tokenizer, 60 s of training, the evaluation), 60 s
+# attention.py, 30 s training.py, 45 s generation.py (qkv against transformers' generate on the
+# same random weights: the small model and GPT-2 small, float32 and bfloat16), 60 s
+# checkpointing.py (eager, activation checkpointing, torch.compile, both), then the suite.
 #
 # Environment:
 #   QKV_GPU_SH_DEVICE   cuda (default) or cpu
@@ -56,11 +63,13 @@ if [[ -z ${PYTHON:-} ]]; then
 fi
 export PYTHON DEVICE
 
-BUDGET=${QKV_GPU_SH_BUDGET:-345}
+BUDGET=${QKV_GPU_SH_BUDGET:-480}
 KILL_AFTER=3 # seconds between timeout's TERM and its KILL
 if [[ $DEVICE == cuda ]]; then
-    T_ENV=20 T_GPU_TESTS=60 T_SUITE=120 T_TRAINING=30 T_GENERATION=20 T_ATTENTION=60
-    T_NANOGPT=90 NANOGPT_ARGS=(--steps 5)
+    T_ENV=20 T_GPU_TESTS=60 T_SUITE=240 T_TRAINING=30 T_GENERATION=45 T_ATTENTION=60
+    T_NANOGPT=150 NANOGPT_ARGS=(--steps 5)
+    T_DEMO=60 DEMO_ARGS=(--max-time 45s)
+    T_PRESET=90 PRESET_ARGS=(--max-time 60s --train.eval_every 500 --train.checkpoint_every 0)
     XDIST=(-n 8)
     SUITE=(src/qkv tests)
     TRAINING_ARGS=(--steps 3)
@@ -69,8 +78,13 @@ if [[ $DEVICE == cuda ]]; then
                     --impls sdpa,tiled,triton,block_sparse)
     T_CHECKPOINTING=60 CHECKPOINTING_ARGS=(--device cuda --steps 5)
 else # the CPU mode: the same steps, shortened, with the suite cut to a few folders
-    T_ENV=30 T_GPU_TESTS=120 T_SUITE=120 T_TRAINING=30 T_GENERATION=20 T_ATTENTION=60
+    T_ENV=30 T_GPU_TESTS=120 T_SUITE=120 T_TRAINING=30 T_GENERATION=45 T_ATTENTION=60
     T_NANOGPT=150 NANOGPT_ARGS=(--steps 1)
+    T_DEMO=60 DEMO_ARGS=(--max-time 10s --model.n_layers 1 --train.eval_every 0)
+    T_PRESET=90 PRESET_ARGS=(--train.max_steps 3 --train.max_time "" --model.n_layers 1
+                             --model.d_model 32 --model.n_heads 2 --data.max_bytes 40000
+                             --data.vocab_size 300 --data.seq_len 64 --train.batch_size 4
+                             --train.eval_batches 2 --train.checkpoint_every 0)
     XDIST=(-n 2)
     SUITE=(src/qkv/attention tests/attention tests/positional tests/blocks)
     TRAINING_ARGS=(--steps 1 --batch 2 --seq-len 64)
@@ -195,19 +209,7 @@ run_step gpu-tests "$T_GPU_TESTS" gpu-tests.log \
     env -u CI QKV_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -m gpu -p no:cacheprovider \
     --durations=10 --junitxml="$LOGDIR/gpu-tests.xml" tests
 
-# -- 3. the whole suite -----------------------------------------------------------------------
-if ! "$PYTHON" -c "import xdist" 2>/dev/null; then
-    echo "   pytest-xdist is not installed: the suite runs in one process"
-    XDIST=()
-fi
-run_step suite "$T_SUITE" suite.log \
-    env -u CI QKV_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest "${XDIST[@]}" --doctest-modules \
-    -p no:cacheprovider --junitxml="$LOGDIR/suite.xml" "${SUITE[@]}"
-
-# -- 4. benchmarks ----------------------------------------------------------------------------
-# training.py: training steps against the device's own matmul rate (the CPU's, then the GPU's).
-run_step bench-training "$T_TRAINING" bench-training.log \
-    "$PYTHON" benchmarks/training.py "${TRAINING_ARGS[@]}"
+# -- 3. qkv against nanoGPT ------------------------------------------------------------------
 # qkv against nanoGPT on the same batches (GPT-2 small, bf16, eager and compiled on a GPU).
 # nanoGPT's model.py is not part of qkv: NANOGPT_DIR, or .peers/nanogpt (git-ignored: copy
 # ../shared/peers/nanogpt there and carry it to the GPU machine), or ../shared/peers/nanogpt.
@@ -222,6 +224,25 @@ if [[ -n $NANOGPT && -f $NANOGPT/model.py ]]; then
 else
     skip_step bench-nanogpt bench-nanogpt.log "no nanoGPT model.py (set NANOGPT_DIR)"
 fi
+# -- 4. the main job and the GPU preset on the device --------------------------------------------
+# make demo's run (gpt-char) and gpt2-code, each with a short budget: their logs end with the
+# validation loss, and LOGDIR/runs/<preset>/metrics.csv holds tokens/s for every step.
+run_step demo "$T_DEMO" demo.log \
+    "$PYTHON" -m qkv train --preset gpt-char --device "$DEVICE" --out "$LOGDIR/runs/gpt-char" \
+    "${DEMO_ARGS[@]}"
+run_step gpt2-code "$T_PRESET" gpt2-code.log \
+    "$PYTHON" -m qkv train --preset gpt2-code --device "$DEVICE" --out "$LOGDIR/runs/gpt2-code" \
+    "${PRESET_ARGS[@]}"
+
+# -- 5. the other benchmarks ------------------------------------------------------------------
+if has_flag benchmarks/attention.py --device; then
+    # bfloat16, T = 1024 and 4096: the Triton kernel against SDPA (issue #14's target, within
+    # 1.5x at T = 4096), and the tiled and block-sparse paths; each case in a fresh process.
+    run_step bench-attention "$T_ATTENTION" bench-attention.log \
+        "$PYTHON" benchmarks/attention.py "${ATTENTION_ARGS[@]}"
+else
+    skip_step bench-attention bench-attention.log "benchmarks/attention.py has no --device"
+fi
 if has_flag benchmarks/training.py --device; then
     run_step bench-training-gpu "$T_TRAINING" bench-training-gpu.log \
         "$PYTHON" benchmarks/training.py --device "$DEVICE" "${TRAINING_ARGS[@]}"
@@ -234,18 +255,20 @@ if has_flag benchmarks/generation.py --device; then
 else
     skip_step bench-generation bench-generation.log "benchmarks/generation.py has no --device"
 fi
-if has_flag benchmarks/attention.py --device; then
-    # bfloat16, T = 1024 and 4096: the Triton kernel against SDPA (issue #14's target, within
-    # 1.5x at T = 4096), and the tiled and block-sparse paths; each case in a fresh process.
-    run_step bench-attention "$T_ATTENTION" bench-attention.log \
-        "$PYTHON" benchmarks/attention.py "${ATTENTION_ARGS[@]}"
-else
-    skip_step bench-attention bench-attention.log "benchmarks/attention.py has no --device"
-fi
 # Activation checkpointing and torch.compile in training (issue #16's table): eager and
 # checkpointing always, the compiled modes when the budget leaves time for inductor.
 run_step bench-checkpointing "$T_CHECKPOINTING" bench-checkpointing.log \
     "$PYTHON" benchmarks/checkpointing.py "${CHECKPOINTING_ARGS[@]}"
+
+
+# -- 6. the whole suite, with what is left of the budget -----------------------------------------
+if ! "$PYTHON" -c "import xdist" 2>/dev/null; then
+    echo "   pytest-xdist is not installed: the suite runs in one process"
+    XDIST=()
+fi
+run_step suite "$T_SUITE" suite.log \
+    env -u CI QKV_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest "${XDIST[@]}" --doctest-modules \
+    -p no:cacheprovider --junitxml="$LOGDIR/suite.xml" "${SUITE[@]}"
 
 echo
 summary
