@@ -33,6 +33,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
+from qkv._kernels import autocast_input
 from qkv.attention.core import scaled_dot_product_attention
 from qkv.attention.kv_cache import KVCache
 
@@ -170,6 +171,7 @@ class MultiHeadAttention(nn.Module):
     # --8<-- [start:projections]
     def _self_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention's q = x W_Q, k = x W_K, v = x W_V of x (B, T, D), split into heads."""
+        x = autocast_input(x)  # under autocast: one bfloat16 copy of x for the three products
         q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
         k = self._split_heads(self.k_proj(x), self.n_kv_heads)  # (B, K, T, E)
         v = self._split_heads(self.v_proj(x), self.n_kv_heads)  # (B, K, T, E)
@@ -229,6 +231,7 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.keys, cache.values  # type: ignore[assignment]
         else:  # cross-attention
             q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
+            context = autocast_input(context)  # one copy for the k and v products
             k = self._split_heads(self.k_proj(context), self.n_kv_heads)  # (B, K, S, E)
             v = self._split_heads(self.v_proj(context), self.n_kv_heads)  # (B, K, S, E)
             if cache is not None:

@@ -27,6 +27,8 @@ from typing import Literal
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from qkv._kernels import autocast_input
+
 __all__ = ["ACTIVATIONS", "ActivationName", "FeedForward", "GatedFeedForward", "get_activation"]
 
 ActivationName = Literal["relu", "gelu", "gelu_tanh", "silu"]
@@ -142,6 +144,7 @@ class GatedFeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Transform each position of ``x`` (B, T, D) on its own; returns (B, T, D)."""
+        x = autocast_input(x)  # under autocast: one bfloat16 copy of x for gate and up
         gate = self.act(self.gate_proj(x))  # (B, T, F)
         h = gate * self.up_proj(x)  # (B, T, F), the gate scales each hidden feature
         if self.training:  # (dropout is the identity at inference: skip the call)
