@@ -62,6 +62,8 @@ if [[ -z ${PYTHON:-} ]]; then
     fi
 fi
 export PYTHON DEVICE
+# Unbuffered output: a step stopped by its timeout still leaves in its log what it printed.
+export PYTHONUNBUFFERED=1
 
 BUDGET=${QKV_GPU_SH_BUDGET:-480}
 KILL_AFTER=3 # seconds between timeout's TERM and its KILL

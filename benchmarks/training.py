@@ -499,6 +499,7 @@ def against_nanogpt(args: argparse.Namespace, device: torch.device) -> None:
         rows.append([shape.name + (", bf16" if shape.bf16 else ", fp32"), gap,
                      *(f"{r:,.0f}" for r in rates), *(f"{r * per_token / peak:.1%}" for r in rates),
                      *(c.memory for c in pair), spread(ratios)])  # fmt: skip
+        print("row: | " + " | ".join(rows[-1]) + " |")  # kept if a later shape runs out of time
         del pair, run_ours, run_theirs, ours, theirs, batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
