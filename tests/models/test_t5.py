@@ -353,7 +353,7 @@ def test_forward_needs_decoder_inputs_or_labels() -> None:
         ({"feed_forward": "swiglu"}, "feed_forward must be 'relu'"),
         ({"relative_attention_num_buckets": 2}, "relative_attention_num_buckets >= 4"),
         ({"relative_attention_max_distance": 4}, "relative_attention_max_distance >"),
-        ({"dropout": 1.0}, "0 <= dropout < 1"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"decoder_start_token_id": 128}, "decoder_start_token_id=128 is not a token id"),
     ],
 )

@@ -97,6 +97,7 @@ class BertConfig:
         checks.require_positive(self, *sizes, "type_vocab_size", "num_labels", must_be="at least 1")
         checks.require_divisible(self, "d_model", "n_heads")
         checks.require_rate(self, "dropout")
+        checks.require_eps(self)
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id} is not in [0, {self.vocab_size})")
         if self.head not in ("none", "mlm", "classification"):

@@ -9,6 +9,7 @@ head width, ViT's pooler) stays in that family's config.
     require_token_ids(self, "eos_token_id", vocab_size=V)    # None, or an id in [0, V)
     require_divisible(self, "d_model", "n_heads")            # each head gets D / H features
     require_rate(self, "dropout")                            # a probability in [0, 1)
+    require_eps(self)                                        # norm_eps > 0
     require_experts(self)                                    # None, or a valid Experts
 """
 
@@ -22,6 +23,7 @@ from qkv.blocks.moe import Experts
 __all__ = [
     "require_activation",
     "require_divisible",
+    "require_eps",
     "require_experts",
     "require_positive",
     "require_rate",
@@ -62,6 +64,15 @@ def require_rate(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def require_eps(config: Any, name: str = "norm_eps") -> None:
+    """Field ``name`` is a normalisation's epsilon, above 0: at 0 a row of equal features
+    (LayerNorm) or of zeros (RMSNorm) divides by zero; below 0 the square root can be of a
+    negative number."""
+    value = getattr(config, name)
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
 
 
 def require_activation(config: Any, name: str = "activation") -> None:

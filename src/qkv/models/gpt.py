@@ -89,8 +89,7 @@ class GPTConfig:
         if self.d_ff is not None and self.d_ff < 1:
             raise ValueError(f"d_ff must be positive (or None for 4 * d_model), got {self.d_ff}")
         checks.require_rate(self, "dropout")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        checks.require_eps(self)
         checks.require_activation(self)
 
     @property

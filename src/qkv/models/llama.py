@@ -114,10 +114,9 @@ class LlamaConfig:
                 f"sliding_window must be None (attend to all) or at least 1, "
                 f"got {self.sliding_window}"
             )
-        if self.norm_eps <= 0 or self.rope_base <= 1:
-            raise ValueError(
-                f"norm_eps must be > 0 and rope_base > 1, got {self.norm_eps}, {self.rope_base}"
-            )
+        checks.require_eps(self)
+        if self.rope_base <= 1:
+            raise ValueError(f"rope_base must be > 1 (LLaMA: 10000), got {self.rope_base}")
         checks.require_rate(self, "dropout")
 
     @property

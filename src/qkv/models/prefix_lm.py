@@ -81,6 +81,7 @@ class PrefixLMConfig:
         checks.require_token_ids(self, *tokens, vocab_size=self.vocab_size)
         checks.require_divisible(self, "d_model", "n_heads")
         checks.require_rate(self, "dropout")
+        checks.require_eps(self)
         checks.require_activation(self)
 
 

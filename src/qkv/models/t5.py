@@ -85,9 +85,8 @@ class T5Config:
                 "need relative_attention_num_buckets >= 4 and relative_attention_max_distance > "
                 f"num_buckets // 2 (T5: 32 and 128), got {nb} and {far}"
             )
-        if not 0.0 <= self.dropout < 1.0 or self.norm_eps <= 0:
-            raise ValueError(f"need 0 <= dropout < 1 and norm_eps > 0, got {self.dropout}, "
-                             f"{self.norm_eps}")  # fmt: skip
+        checks.require_rate(self, "dropout")
+        checks.require_eps(self)
         for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(f"{name}={getattr(self, name)} is not a token id of a "

@@ -68,9 +68,8 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         checks.require_experts(self)
-        checks.require_positive(
-            self, "src_vocab_size", "tgt_vocab_size", "n_encoder_layers", "n_decoder_layers"
-        )
+        sizes = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "max_seq_len")
+        checks.require_positive(self, *sizes, "n_encoder_layers", "n_decoder_layers")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(
                 f"share_embeddings=True needs one vocabulary, got src_vocab_size="
@@ -81,6 +80,7 @@ class TransformerConfig:
         if self.d_model % 2:
             raise ValueError(f"d_model={self.d_model} must be even for sinusoidal positions")
         checks.require_rate(self, "dropout", "label_smoothing")
+        checks.require_eps(self)
         for name in ("pad_token_id", "decoder_start_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.tgt_vocab_size:
                 raise ValueError(

@@ -91,8 +91,7 @@ class TransformerXLConfig:
         if self.mem_len < 0:
             raise ValueError(f"mem_len must be >= 0 (0: no memory), got {self.mem_len}")
         checks.require_rate(self, "dropout")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        checks.require_eps(self)
         checks.require_activation(self)
 
     @property

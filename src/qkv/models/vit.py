@@ -79,6 +79,7 @@ class ViTConfig:
                 "the classifier reads the class token directly, so set pooler=False"
             )
         checks.require_rate(self, "dropout")
+        checks.require_eps(self)
         checks.require_activation(self)
 
     @property
