@@ -204,6 +204,20 @@ def test_padding_does_not_change_real_tokens() -> None:
     torch.testing.assert_close(model.embed(padded, mask), model.embed(ids))
 
 
+def test_token_type_ids_must_match_the_input_ids() -> None:
+    model = Bert(tiny()).eval()
+    ids = torch.randint(1, 128, (2, 5))  # (B, T)
+    with pytest.raises(
+        ValueError, match=r"token_type_ids must be shaped like input_ids, \(B, T\) = \(2, 5\)"
+    ):
+        model(ids, token_type_ids=torch.zeros(2, 4, dtype=torch.long))
+    segments = torch.tensor([[0, 0, 0, 1, 1]] * 2)  # a second segment changes the output
+    with torch.no_grad():
+        assert not torch.allclose(
+            model(ids, token_type_ids=segments).last_hidden_state, model(ids).last_hidden_state
+        )
+
+
 def test_attentions_are_captured_then_released() -> None:
     model = Bert(tiny()).eval()
     inputs = batch(vocab=128)

@@ -1,9 +1,13 @@
 """What the model families share: the causal LM loss, teacher forcing's shift, default
-positions, and finding attention modules."""
+positions, finding attention modules, and the checks of a forward's inputs (every text family
+gives the same clear errors)."""
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -12,11 +16,14 @@ from torch.nn import functional as F
 from qkv.attention.kv_cache import KVCache
 from qkv.attention.multihead import MultiHeadAttention
 from qkv.blocks import DecoderLayer, EncoderLayer
+from qkv.models import FAMILIES
 from qkv.models.common import (
     IGNORE_INDEX,
     attention_modules,
     causal_lm_loss,
     check_attention_mask,
+    check_labels,
+    check_token_ids,
     default_position_ids,
     new_kv_caches,
     past_length,
@@ -108,3 +115,106 @@ def test_past_length_and_the_mask_rule() -> None:
     check_attention_mask(torch.ones(2, 5), 5)
     with pytest.raises(ValueError, match=r"decoder_attention_mask must be \(B, past \+ T\)"):
         check_attention_mask(torch.ones(2, 4), 5, "decoder_attention_mask")
+
+
+def test_check_token_ids() -> None:
+    check_token_ids(torch.zeros(2, 3, dtype=torch.long))
+    check_token_ids(torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"for one sequence, pass input_ids\.unsqueeze\(0\)"):
+        check_token_ids(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(
+        ValueError, match=r"^decoder_input_ids must be \(B, T\), got shape \(1, 2, 3\)$"
+    ):
+        check_token_ids(torch.zeros(1, 2, 3, dtype=torch.long), "decoder_input_ids")
+    for dtype in (torch.float32, torch.bool, torch.uint8):
+        with pytest.raises(TypeError, match=f"integer token ids .*got {dtype}"):
+            check_token_ids(torch.zeros(2, 3, dtype=dtype))
+
+
+def test_check_attention_mask_rows_and_span() -> None:
+    check_attention_mask(torch.ones(2, 5), 5, batch=2)
+    check_attention_mask(torch.ones(1, 5), 5, batch=2)  # one mask shared by every row
+    with pytest.raises(ValueError, match=r"with B = 2 and past \+ T = 5 .*got shape \(3, 5\)"):
+        check_attention_mask(torch.ones(3, 5), 5, batch=2)
+    with pytest.raises(ValueError, match=r"^attention_mask must be \(B, S\) with S = 4, 1 = real"):
+        check_attention_mask(torch.ones(4), 4, span="S")
+
+
+def test_check_labels() -> None:
+    logits = torch.zeros(2, 3, 7)
+    check_labels(torch.zeros(2, 3, dtype=torch.long), logits)
+    with pytest.raises(ValueError, match=r"labels must be \(B, T\) = \(2, 3\).*got shape \(2, 4\)"):
+        check_labels(torch.zeros(2, 4, dtype=torch.long), logits)
+    with pytest.raises(ValueError, match=r"labels must be \(B, T\) = \(2, 3\)"):
+        causal_lm_loss(logits, torch.zeros(3, 2, dtype=torch.long))  # same count, wrong shape
+
+
+# Every text family, built tiny; a family added later is checked too (ViT reads pixels).
+TEXT_FAMILIES = sorted(
+    family
+    for family, model_class in FAMILIES.items()
+    if model_class.__module__.startswith("qkv.models.") and family != "vit"
+)
+SEQ2SEQ = {"bart", "t5", "transformer"}
+
+
+def _tiny(family: str) -> Any:
+    model_class = FAMILIES[family]
+    config = importlib.import_module(model_class.__module__).PRESETS["tiny"]
+    return model_class(config).eval()
+
+
+def _call(family: str) -> Callable[..., Any]:
+    """The family's forward on (B, T) ids, as ``call(ids, mask=None, labels=None)``; an
+    encoder-decoder gets a (B, 3) target."""
+    model = _tiny(family)
+
+    def call(ids: torch.Tensor, mask: torch.Tensor | None = None, labels: Any = None) -> Any:
+        if family in SEQ2SEQ:
+            target = torch.ones(2, 3, dtype=torch.long)
+            return model(ids, mask, target, labels=labels)
+        if family == "transformer_xl":  # no attention mask: its segments are unpadded
+            return model(ids, labels=labels)
+        return model(ids, mask, labels=labels)
+
+    return call
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_every_family_checks_its_inputs_the_same_way(family: str) -> None:
+    call = _call(family)
+    ids = torch.randint(1, 10, (2, 4))  # (B, T)
+    with torch.no_grad():
+        call(ids)  # well-formed inputs pass
+        with pytest.raises(ValueError, match=r"input_ids must be \(B, T\), got shape \(4,\)"):
+            call(ids[0])
+        with pytest.raises(TypeError, match="input_ids must hold integer token ids"):
+            call(ids.float())
+        if family != "transformer_xl":
+            with pytest.raises(ValueError, match=r"attention_mask must be \(B, "):
+                call(ids, torch.ones(2, 5, dtype=torch.long))
+            with pytest.raises(ValueError, match=r"attention_mask must be \(B, .*B = 2"):
+                call(ids, torch.ones(3, 4, dtype=torch.long))
+        if family != "bert":  # BERT's labels depend on its head
+            with pytest.raises(ValueError, match=r"labels must be \(B, T\)"):
+                call(ids, labels=torch.zeros(2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", sorted(SEQ2SEQ))
+def test_an_encoder_decoder_checks_its_target_against_the_source(family: str) -> None:
+    model = _tiny(family)
+    ids = torch.randint(1, 10, (2, 4))  # (B, S)
+    with torch.no_grad():
+        memory = model.encode(ids)  # (B, S, D)
+        with pytest.raises(ValueError, match=r"decoder_input_ids must be \(B, T\)"):
+            model.decode(torch.ones(3, dtype=torch.long), memory)
+        with pytest.raises(ValueError, match=r"must have the same B, .* got 1 and 2"):
+            model.decode(torch.ones(1, 3, dtype=torch.long), memory)
+        with pytest.raises(
+            ValueError, match=r"attention_mask must be \(B, S\) with B = 2 and S = 4"
+        ):
+            model.decode(
+                torch.ones(2, 3, dtype=torch.long), memory, attention_mask=torch.ones(2, 5)
+            )
+        with pytest.raises(ValueError, match=r"input_ids must be \(B, T\)"):
+            model.encode(ids[0])

@@ -49,7 +49,13 @@ from qkv.blocks.moe import Experts
 from qkv.blocks.norms import LayerNorm
 from qkv.models import checks
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.common import IGNORE_INDEX, recording_attentions
+from qkv.models.common import (
+    IGNORE_INDEX,
+    check_attention_mask,
+    check_labels,
+    check_token_ids,
+    recording_attentions,
+)
 from qkv.models.lm import encoder_stack
 from qkv.positional.learned import LearnedPositionalEmbedding
 
@@ -150,6 +156,7 @@ class MaskedLMHead(nn.Module):
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy at the positions whose label is not -100 (the masked ones)."""
+        check_labels(labels, logits)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
@@ -274,10 +281,15 @@ class Bert(QkvModel[BertConfig]):
             ``ModelOutput`` with last_hidden_state (B, T, D), pooler_output (B, D) when the
             config has a pooler, logits (B, T, V) or (B, C) and loss when a head is set.
         """
-        _, t = input_ids.shape
+        check_token_ids(input_ids)
+        b, t = input_ids.shape
+        check_attention_mask(attention_mask, t, batch=b, span="T")
         positions = torch.arange(t, device=input_ids.device)  # (T,)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)  # (B, T)
+        elif token_type_ids.shape != input_ids.shape:
+            raise ValueError(f"token_type_ids must be shaped like input_ids, (B, T) = ({b}, {t}), "
+                             f"got {tuple(token_type_ids.shape)}")  # fmt: skip
         h = self.tok_emb(input_ids) + self.type_emb(token_type_ids)  # (B, T, D)
         h = self.emb_dropout(self.emb_norm(h + self.pos_emb(positions)))  # (B, T, D)
         with recording_attentions(self.layers, output_attentions) as weights:

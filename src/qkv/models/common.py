@@ -16,6 +16,9 @@ left out of every loss.
 
 With a key/value cache a model reads only the T new tokens, while its attention mask covers the
 cached positions too, (B, past + T); ``past_length`` and ``check_attention_mask`` hold that rule.
+Every family checks its inputs with the same few functions (``check_token_ids``,
+``check_attention_mask``, ``check_labels``), so a wrong shape gets the same clear message from
+each of them rather than an indexing error from deep inside.
 
 Shape legend: B batch · T positions (the new ones, with a cache; the target's in an
 encoder-decoder) · S source positions · D model width · H heads · K key/value heads ·
@@ -41,6 +44,8 @@ __all__ = [
     "attention_modules",
     "causal_lm_loss",
     "check_attention_mask",
+    "check_labels",
+    "check_token_ids",
     "default_position_ids",
     "init_gpt2_",
     "init_normal_",
@@ -70,6 +75,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
         >>> causal_lm_loss(logits, torch.tensor([[0, 1, -100]]))  # one counted position: log 4
         tensor(1.3863)
     """
+    check_labels(labels, logits)
     shift_logits = logits[:, :-1].float()  # (B, T - 1, V), predictions for positions 1 ..
     shift_labels = labels[:, 1:].to(logits.device)  # (B, T - 1), the tokens that came next
     return F.cross_entropy(
@@ -98,6 +104,7 @@ def seq2seq_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -
         >>> seq2seq_loss(torch.zeros(1, 2, 4), torch.tensor([[3, -100]]))  # log 4
         tensor(1.3863)
     """
+    check_labels(labels, logits)
     return F.cross_entropy(
         logits.flatten(0, 1).float(),  # (B * T, V)
         labels.flatten().to(logits.device),  # (B * T,)
@@ -221,20 +228,56 @@ def past_length(
     return (first[0] if isinstance(first, tuple) else first).seq_len
 
 
-def check_attention_mask(
-    attention_mask: Tensor | None, length: int, name: str = "attention_mask"
-) -> None:
-    """Raise a clear error unless the mask covers ``length`` = past + T positions.
+def check_token_ids(ids: Tensor, name: str = "input_ids") -> None:
+    """Raise a clear error unless ``ids`` is a batch of token ids: (B, T), int64 or int32.
 
-    With a key/value cache the mask spans the cached positions and the new ones, (B, past + T);
-    without a cache, past = 0.
+    One sequence of shape (T,) is the usual slip; the message says how to add the batch axis.
     """
-    if attention_mask is not None and (
-        attention_mask.dim() != 2 or attention_mask.shape[-1] != length
-    ):
+    if ids.dim() != 2:
+        hint = f"; for one sequence, pass {name}.unsqueeze(0)" if ids.dim() == 1 else ""
+        raise ValueError(f"{name} must be (B, T), got shape {tuple(ids.shape)}{hint}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"{name} must hold integer token ids (int64 or int32), got {ids.dtype}; "
+            f"convert them with {name}.long()"
+        )
+
+
+def check_attention_mask(
+    attention_mask: Tensor | None,
+    length: int,
+    name: str = "attention_mask",
+    *,
+    batch: int | None = None,
+    span: str = "past + T",
+) -> None:
+    """Raise a clear error unless the mask is (B, ``length``), or (1, ``length``) for a mask
+    every row shares.
+
+    ``span`` names the length in the message. A decoder's mask covers past + T positions: with
+    a key/value cache, the cached positions and the new ones (past = 0 without a cache); an
+    encoder's covers its S source positions. ``batch``, when given, is B.
+    """
+    if attention_mask is None:
+        return
+    shape = tuple(attention_mask.shape)
+    rows_ok = batch is None or shape[0] in (1, batch)
+    if len(shape) != 2 or shape[1] != length or not rows_ok:
+        sizes = f"{span} = {length}" if batch is None else f"B = {batch} and {span} = {length}"
+        cached = " (the cached positions and the new ones)" if span == "past + T" else ""
         raise ValueError(
-            f"{name} must be (B, past + T) with past + T = {length} (the cached positions and "
-            f"the new ones), got shape {tuple(attention_mask.shape)}"
+            f"{name} must be (B, {span}) with {sizes}{cached}, 1 = real token and 0 = padding; "
+            f"got shape {shape}"
+        )
+
+
+def check_labels(labels: Tensor, logits: Tensor) -> None:
+    """Raise a clear error unless there is one label per scored position: ``labels`` has the
+    shape of ``logits`` (B, T, V) without V."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels must be (B, T) = {tuple(logits.shape[:-1])}, one target id per position "
+            f"(-100 for none), got shape {tuple(labels.shape)}"
         )
 
 

@@ -25,6 +25,7 @@ from qkv.models.common import (
     attention_modules,
     causal_lm_loss,
     check_attention_mask,
+    check_token_ids,
     default_position_ids,
     new_kv_caches,
     past_length,
@@ -160,16 +161,15 @@ class DecoderLM(QkvModel[DecoderLMConfigT]):
         """Check ``forward``'s inputs; return past, the positions already in the cache, and the
         positions of the T new tokens: ``position_ids`` if given, else ``default_position_ids``
         (real tokens counted, so a left-padded row starts at 0), (B, T) or (T,)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        t, max_seq_len = input_ids.shape[1], self.config.max_seq_len
+        check_token_ids(input_ids)
+        (b, t), max_seq_len = input_ids.shape, self.config.max_seq_len
         past = past_length(cache, len(self.layers))  # S = past + T keys
         if past + t > max_seq_len:
             raise ValueError(
                 f"{past + t} positions exceed max_seq_len={max_seq_len}, the longest sequence "
                 "this model is built for (its positions end there); pass a shorter input"
             )
-        check_attention_mask(attention_mask, past + t)
+        check_attention_mask(attention_mask, past + t, batch=b)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, t, past, device=input_ids.device)
         return past, position_ids
@@ -282,7 +282,16 @@ class EncoderDecoderLM(QkvModel[EncoderDecoderLMConfigT]):
         ``attention_mask`` (B, S): 1 = real token, 0 = padding, on either side (absolute
         positions count real tokens only; relative ones do not see padding at all).
         """
-        return self._encoder_states(input_ids, attention_mask)[-1]
+        return self._checked_encoder_states(input_ids, attention_mask)[-1]
+
+    def _checked_encoder_states(
+        self, input_ids: Tensor, attention_mask: Tensor | None
+    ) -> list[Tensor]:
+        """``_encoder_states``, once the source (B, S) and its mask have passed their checks."""
+        check_token_ids(input_ids)
+        b, s = input_ids.shape
+        check_attention_mask(attention_mask, s, batch=b, span="S")
+        return self._encoder_states(input_ids, attention_mask)
 
     def decode(
         self,
@@ -309,8 +318,9 @@ class EncoderDecoderLM(QkvModel[EncoderDecoderLMConfigT]):
         Returns:
             logits (B, T, V).
         """
-        t = decoder_input_ids.shape[1]
-        ctx = self._decoder_context(t, memory, attention_mask, decoder_attention_mask, caches)
+        ctx = self._decoder_context(
+            decoder_input_ids, memory, attention_mask, decoder_attention_mask, caches
+        )
         return self._logits(self._decoder_states(decoder_input_ids, ctx)[-1])  # (B, T, V)
 
     def new_caches(self, batch_size: int = 1, max_len: int | None = None) -> EncoderDecoderCaches:
@@ -331,16 +341,26 @@ class EncoderDecoderLM(QkvModel[EncoderDecoderLMConfigT]):
 
     def _decoder_context(
         self,
-        t: int,
+        decoder_input_ids: Tensor,
         memory: Tensor,
         attention_mask: Tensor | None,
         decoder_attention_mask: Tensor | None,
         caches: EncoderDecoderCaches | None,
     ) -> DecoderContext:
-        """The decoder's ``DecoderContext`` for T new target positions: masks from the padding
-        of the source (B, S) and of the target (B, past + T), past from the caches."""
+        """The decoder's ``DecoderContext`` for the T new target positions of
+        ``decoder_input_ids`` (B, T), once they pass their checks: masks from the padding of the
+        source (B, S) and of the target (B, past + T), past from the caches."""
+        check_token_ids(decoder_input_ids, "decoder_input_ids")
+        b, t = decoder_input_ids.shape
+        if memory.shape[0] != b:
+            raise ValueError(
+                f"decoder_input_ids and the memory (the encoded source) must have the same B, "
+                f"one target row per source row; got {b} and {memory.shape[0]}"
+            )
         past = past_length(caches, len(self._stacks()[1]))  # target positions already cached
-        check_attention_mask(decoder_attention_mask, past + t, "decoder_attention_mask")
+        check_attention_mask(attention_mask, memory.shape[1], batch=b, span="S")
+        name = "decoder_attention_mask"
+        check_attention_mask(decoder_attention_mask, past + t, name, batch=b)
         memory_mask = None if attention_mask is None else masks.padding(attention_mask)
         self_mask = None  # (B, 1, 1, past + T); the layers add the causal mask
         if decoder_attention_mask is not None:
@@ -393,10 +413,11 @@ class EncoderDecoderLM(QkvModel[EncoderDecoderLMConfigT]):
             if labels is None:
                 raise ValueError("pass decoder_input_ids, or labels to shift right into them")
             decoder_input_ids = self.shift_right(labels)  # (B, T)
-        t = decoder_input_ids.shape[1]
         with self._recording(output_attentions) as (enc_weights, dec_weights, cross_weights):
-            enc = self._encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
-            ctx = self._decoder_context(t, enc[-1], attention_mask, decoder_attention_mask, None)
+            enc = self._checked_encoder_states(input_ids, attention_mask)  # L + 1 x (B, S, D)
+            ctx = self._decoder_context(
+                decoder_input_ids, enc[-1], attention_mask, decoder_attention_mask, None
+            )
             dec = self._decoder_states(decoder_input_ids, ctx)  # L + 1 x (B, T, D)
         logits = self._logits(dec[-1])  # (B, T, V)
         hidden, on = output_hidden_states, output_attentions

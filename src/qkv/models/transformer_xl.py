@@ -52,7 +52,7 @@ from qkv.blocks.mlp import ActivationName, FeedForward
 from qkv.blocks.norms import LayerNorm
 from qkv.models import checks
 from qkv.models.base import ModelOutput, QkvModel
-from qkv.models.common import causal_lm_loss, init_gpt2_
+from qkv.models.common import causal_lm_loss, check_token_ids, init_gpt2_
 
 __all__ = [
     "PRESETS",
@@ -225,8 +225,7 @@ class TransformerXL(QkvModel[TransformerXLConfig]):
             ``XLOutput`` with logits (B, T, V), the loss with labels, the last hidden states
             (B, T, D) and the next memory (L, B, min(M + T, mem_len), D).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        check_token_ids(input_ids)
         b = input_ids.shape[0]
         memory = self.new_memory(b) if memory is None else memory
         self._check_memory(memory, b)
