@@ -192,6 +192,31 @@ def test_regression_and_multilabel_losses() -> None:
     assert torch.allclose(out.loss, expected)
 
 
+@pytest.mark.parametrize(
+    ("head", "num_labels", "labels"),
+    [
+        ("mlm", 2, lambda: torch.randint(0, 128, (3, 9)).masked_fill(torch.rand(3, 9) < 0.5, -100)),
+        ("classification", 3, lambda: torch.tensor([0, 2, 1])),
+        ("classification", 1, lambda: torch.randn(3)),
+        ("classification", 3, lambda: (torch.rand(3, 3) < 0.5).float()),
+    ],
+    ids=["mlm", "classes", "regression", "multi-label"],
+)
+def test_losses_are_float32_for_a_bf16_model(head: str, num_labels: int, labels: Any) -> None:
+    """As in every family, the loss of a bf16 model is computed from its logits in float32."""
+    model = Bert(tiny(head=head, num_labels=num_labels)).eval()
+    randomize(model)
+    model.to(torch.bfloat16)
+    targets = labels()
+    with torch.no_grad():
+        out = model(**batch(vocab=128), labels=targets)
+    assert out.logits is not None and out.loss is not None and out.logits.dtype == torch.bfloat16
+    assert out.loss.dtype == torch.float32
+    assert model.head is not None
+    expected = model.head.loss(out.logits.float(), targets)  # the same logits, upcast first
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_padding_does_not_change_real_tokens() -> None:
     model = Bert(tiny()).eval()
     ids = torch.randint(1, 128, (1, 5))  # (1, T)

@@ -155,9 +155,11 @@ class MaskedLMHead(nn.Module):
         return self.lm_head(h)  # (B, T, V)
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Cross-entropy at the positions whose label is not -100 (the masked ones)."""
+        """Cross-entropy at the positions whose label is not -100 (the masked ones), in float32
+        as in every family's loss."""
         check_labels(labels, logits)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        scores = logits.flatten(0, 1).float()  # (B * T, V)
+        return F.cross_entropy(scores, labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class ClassificationHead(nn.Module):
@@ -176,12 +178,13 @@ class ClassificationHead(nn.Module):
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """MSE for one label (regression); cross-entropy for integer class labels (-100 is
-        ignored); binary cross-entropy for float multi-label targets (B, C)."""
-        if logits.shape[-1] == 1:
-            return F.mse_loss(logits.flatten(), labels.flatten().to(logits.dtype))
+        ignored); binary cross-entropy for float multi-label targets (B, C). All in float32."""
+        scores = logits.float()  # (B, C)
+        if scores.shape[-1] == 1:
+            return F.mse_loss(scores.flatten(), labels.flatten().float())
         if labels.is_floating_point():
-            return F.binary_cross_entropy_with_logits(logits, labels)
-        return F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX)
+            return F.binary_cross_entropy_with_logits(scores, labels.float())
+        return F.cross_entropy(scores, labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 # --8<-- [start:sentence_embedding]
