@@ -53,8 +53,10 @@ def test_bad_prompts() -> None:
     with pytest.raises(ValueError, match=r"empty prompt in row\(s\) \[1\]"):
         generate(model, torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [0, 0, 0]]),
                  max_new_tokens=2)  # fmt: skip
-    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\)"):
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\).* input_ids.unsqueeze\(0\)"):
         generate(model, torch.ones(3, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"input_ids must hold integer token ids .*torch.float32"):
+        generate(model, PROMPT.float(), max_new_tokens=2)  # the same check as the forward's
     with pytest.raises(ValueError, match=r"attention_mask \(1, 2\) must have input_ids' shape"):
         generate(model, PROMPT, torch.ones(1, 2), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"the prompt has 65 tokens, longer than the model's 64"):

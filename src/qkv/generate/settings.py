@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
+from qkv.models.common import check_token_ids
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -327,11 +329,9 @@ def check_prompt(input_ids: Tensor, attention_mask: Tensor | None, what: str = "
 
     Raises:
         ValueError: an empty prompt, a row of padding only, or shapes that do not fit.
+        TypeError: ids that are not integers (the models' own ``check_token_ids``).
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (B, T) token ids, got shape {tuple(input_ids.shape)}")
-    if input_ids.is_floating_point():
-        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    check_token_ids(input_ids)
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(
             f"empty {what}: input_ids has shape {tuple(input_ids.shape)}; give at least one "
