@@ -138,6 +138,8 @@ def test_check_attention_mask_rows_and_span() -> None:
         check_attention_mask(torch.ones(3, 5), 5, batch=2)
     with pytest.raises(ValueError, match=r"^attention_mask must be \(B, S\) with S = 4, 1 = real"):
         check_attention_mask(torch.ones(4), 4, span="S")
+    with pytest.raises(ValueError, match=r"got shape \(\)$"):
+        check_attention_mask(torch.tensor(1), 4, batch=2)  # a scalar, not an IndexError
 
 
 def test_check_labels() -> None:

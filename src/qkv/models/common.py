@@ -261,8 +261,8 @@ def check_attention_mask(
     if attention_mask is None:
         return
     shape = tuple(attention_mask.shape)
-    rows_ok = batch is None or shape[0] in (1, batch)
-    if len(shape) != 2 or shape[1] != length or not rows_ok:
+    rows_ok = len(shape) == 2 and (batch is None or shape[0] in (1, batch))
+    if not rows_ok or shape[1] != length:
         sizes = f"{span} = {length}" if batch is None else f"B = {batch} and {span} = {length}"
         cached = " (the cached positions and the new ones)" if span == "past + T" else ""
         raise ValueError(
