@@ -119,10 +119,11 @@ def _forward(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, scale: float,
     dropout_p: float, seed: int, tiles: _Tiles,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Output (..., K, G, T, Ev) and log-sum-exp (..., K, G, T, 1) of q (..., K, G, T, E)."""
+    """Output (..., K, G, T, Ev) and log-sum-exp (..., K, G, T, 1) of q (..., K, G, T, E), both in
+    the accumulation dtype (float32 for half-precision inputs)."""
     acc = torch.promote_types(q.dtype, torch.float32)  # float32 (float64 stays float64)
     k, v = k.to(acc), v.to(acc)  # (..., K, 1, S, E) no copy when already in acc
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])  # (..., K, G, T, Ev) in the inputs' dtype
+    out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=acc)  # (..., K, G, T, Ev)
     lse = q.new_empty(*q.shape[:-1], 1, dtype=acc)  # (..., K, G, T, 1)
     dropout = _Dropout(dropout_p, seed, q.device)
     for rows in tiles.rows():
@@ -166,8 +167,9 @@ def _backward(
     """Gradients of q, k, v (and bias), recomputing each block's probabilities from ``lse``."""
     acc = lse.dtype
     k, v = k.to(acc), v.to(acc)  # (..., K, 1, S, E) no copy when already in acc
-    # D = rowsum(dO * O): the Σ_j P_ij dP_ij of the softmax's gradient, one number per row.
-    delta = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # (..., K, G, T, 1)
+    # D = rowsum(dO * O): the Σ_j P_ij dP_ij of the softmax's gradient, one number per row. O is
+    # the forward's unrounded output: from a bfloat16 O, D's rounding error would reach every dS.
+    delta = (grad_out.to(acc) * out).sum(-1, keepdim=True)  # (..., K, G, T, 1)
     dq = torch.zeros_like(q, dtype=acc)  # (..., K, G, T, E)
     dk = torch.zeros_like(k)  # (..., K, 1, S, E)
     dv = torch.zeros_like(v)  # (..., K, 1, S, Ev)
@@ -214,9 +216,9 @@ class _TiledAttention(torch.autograd.Function):
         scale: float, dropout_p: float, seed: int, tiles: _Tiles,
     ) -> Tensor:  # fmt: skip
         out, lse = _forward(q, k, v, mask, bias, scale, dropout_p, seed, tiles)
-        ctx.save_for_backward(q, k, v, mask, bias, out, lse)
+        ctx.save_for_backward(q, k, v, mask, bias, out, lse)  # out (..., T, Ev) in float32
         ctx.settings = (scale, dropout_p, seed, tiles)
-        return out
+        return out.to(q.dtype)  # rounded once, to the inputs' dtype
 
     @staticmethod
     @once_differentiable
