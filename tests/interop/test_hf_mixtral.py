@@ -70,6 +70,30 @@ def _batch(vocab: int, t: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+ROUTING_MARGIN = 1e-3  # far above the 1e-6 by which the two sides' router logits differ
+
+
+def _decisive_batch(hf: Any, tries: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_batch`` and its position ids, drawn again while some real token's k-th and (k+1)-th
+    router logits are within ROUTING_MARGIN in any layer: at a near-tie the two implementations'
+    rounding may pick different experts, and a different expert is a different function, not a
+    rounding difference."""
+    k = hf.config.num_experts_per_tok
+    for _ in range(tries):
+        ids, mask = _batch(hf.config.vocab_size)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # what qkv derives from the mask
+        with torch.no_grad():
+            out = hf(ids, attention_mask=mask, position_ids=position_ids, output_router_logits=True)
+        real = mask.bool().flatten()  # (B T,)
+        gaps = [
+            (top[:, k - 1] - top[:, k]).min()
+            for top in (r[real].sort(-1, descending=True).values for r in out.router_logits)
+        ]
+        if min(gaps) > ROUTING_MARGIN:
+            return ids, mask, position_ids
+    raise AssertionError(f"no batch in {tries} draws routes every token by {ROUTING_MARGIN}")
+
+
 @pytest.mark.parametrize(
     "extra",
     [{}, {"num_experts_per_tok": 1}, {"sliding_window": 3}],
@@ -84,12 +108,11 @@ def test_hf_to_qkv(extra: dict[str, Any], tmp_path: Path) -> None:
     assert (c.n_experts, c.top_k, c.rope_base) == (4, extra.get("num_experts_per_tok", 2), 500.0)
     assert c.sliding_window == extra.get("sliding_window") and c.router_aux_loss_coef == 0.3
 
-    ids, mask = _batch(97)
+    ids, mask, position_ids = _decisive_batch(hf)
     # Score only tokens predicted from a real position (a padding position's output is
     # undefined); the router losses leave padding out on both sides.
     predictor_is_real = torch.cat([torch.ones(3, 1, dtype=torch.long), mask[:, :-1]], dim=1)
     labels = ids.masked_fill((mask * predictor_is_real) == 0, -100)  # (B, T)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # what qkv derives from the mask
     with torch.no_grad():
         theirs = hf(
             ids, attention_mask=mask, position_ids=position_ids, labels=labels,
