@@ -25,13 +25,18 @@ from qkv.attention.variants import tiled as tiled_module
 from qkv.attention.variants.tiled import tiled_attention
 from qkv.models.gpt import GPT, PRESETS
 from tests.attention.test_core import HEADS, make_mask, make_qkv
-from tests.conftest import ATOL, HALF_FACTOR
+from tests.conftest import ATOL
 
 MASK_KINDS = ["none", "causal", "padding", "sliding_window", "random", "empty_row"]
 # (T, S): self-attention, and a chunk of new queries over a longer past (decoding: masks aligned
 # bottom-right); neither a multiple of the 8-wide test blocks.
 SHAPES = {"square": (19, 19), "decode": (5, 21)}
 BLOCKS = {"block_q": 8, "block_k": 8}
+# Tighter than conftest's HALF_FACTOR (2.0): the tiled path computes in float32, D = rowsum(dO * O)
+# included, and rounds each result once, so its largest error is the reference's or less (6,000
+# random cases: at most 1.0x). Forming D from the rounded output put about 7% of the cases above
+# 1.0x, up to 2.2x.
+TILED_HALF_FACTOR = 1.1
 
 
 def tiled(q, k, v, mask=None, bias=None, dropout_p=0.0, is_causal=False, **blocks):
@@ -157,8 +162,8 @@ def test_is_causal_with_more_queries_than_keys_is_a_clear_error() -> None:
 def test_half_precision_is_as_accurate_as_the_reference(
     dtype: torch.dtype, heads: str, mask_kind: str
 ) -> None:
-    """Output and gradients: the error against float64 is at most HALF_FACTOR times the
-    reference's own error in the same dtype."""
+    """Output and gradients: the error against float64 is at most TILED_HALF_FACTOR
+    times the reference's own error in the same dtype."""
     h, kv = HEADS[heads]
     b, t, s, e = 2, 24, 40, 32
     q, k, v = (x.to(dtype) for x in make_qkv(b, h, kv, t, s, e))  # rounded once
@@ -180,7 +185,7 @@ def test_half_precision_is_as_accurate_as_the_reference(
         assert f.dtype == dtype
         ref_err = (r.double() - x).abs().max().item()
         fast_err = (f.double() - x).abs().max().item()
-        assert fast_err <= HALF_FACTOR * ref_err, (name, fast_err, ref_err)
+        assert fast_err <= TILED_HALF_FACTOR * ref_err, (name, fast_err, ref_err)
 
 
 @pytest.mark.parametrize("causal", ["mask", "is_causal", "is_causal_and_padding"])
