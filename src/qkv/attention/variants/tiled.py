@@ -216,7 +216,7 @@ class _TiledAttention(torch.autograd.Function):
         scale: float, dropout_p: float, seed: int, tiles: _Tiles,
     ) -> Tensor:  # fmt: skip
         out, lse = _forward(q, k, v, mask, bias, scale, dropout_p, seed, tiles)
-        ctx.save_for_backward(q, k, v, mask, bias, out, lse)  # out (..., T, Ev) in float32
+        ctx.save_for_backward(q, k, v, mask, bias, out, lse)  # out unrounded: float32 or 64
         ctx.settings = (scale, dropout_p, seed, tiles)
         return out.to(q.dtype)  # rounded once, to the inputs' dtype
 
