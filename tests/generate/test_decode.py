@@ -78,6 +78,13 @@ def test_one_more_step_continues(family: str) -> None:
             memory = model.encode(prompt)
             nxt = model.decode(out_k, memory)[:, -1].argmax(-1, keepdim=True)
         continued = torch.cat([out_k, nxt], dim=1)
+    elif hasattr(model, "build_mask"):
+        # Prefix-LM: a new generate call would read all of out_k as its prefix, both ways. The
+        # one more step keeps the prompt as the prefix and the generated tokens causal, as
+        # generate(k + 1) does.
+        with torch.no_grad():
+            logits = model(out_k, prefix_lengths=prompt.shape[1]).logits  # (B, T + k, V)
+        continued = torch.cat([out_k, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     else:
         continued = generate(model, out_k, max_new_tokens=1, eos_token_id=[])
     torch.testing.assert_close(continued, out_k1, atol=0, rtol=0)
