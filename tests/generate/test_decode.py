@@ -78,8 +78,8 @@ def test_one_more_step_continues(family: str) -> None:
             memory = model.encode(prompt)
             nxt = model.decode(out_k, memory)[:, -1].argmax(-1, keepdim=True)
         continued = torch.cat([out_k, nxt], dim=1)
-    elif hasattr(model, "build_mask"):
-        # Prefix-LM: a new generate call would read all of out_k as its prefix, both ways. The
+    elif family == "prefix_lm":
+        # A new generate call would read all of out_k as its prefix, both ways. The
         # one more step keeps the prompt as the prefix and the generated tokens causal, as
         # generate(k + 1) does.
         with torch.no_grad():
